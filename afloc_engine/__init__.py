@@ -1,0 +1,32 @@
+"""afloc_engine: AFLoc annotation-free pathology localisation from text prompts.
+
+>>> import afloc_engine
+>>> model = afloc_engine.load_model("default")          # doctest: +SKIP
+>>> result = model.localize("chest.dcm", ["Findings suggesting pneumothorax"])  # doctest: +SKIP
+>>> result.heatmaps.shape, result.masks.dtype, result.probabilities  # doctest: +SKIP
+"""
+
+from afloc_engine.config import AFLocConfig
+from afloc_engine.errors import AFLocError, CheckpointError, ConfigError, DataError, ImageReadError, PromptError
+
+__version__ = "0.1.0"
+
+
+def load_model(name_or_path: str = "default", device: str = "auto"):  # noqa: ANN201 (lazy import keeps `import afloc_engine` light)
+    """Load a model by name (``default``, an installed model) or folder; see :mod:`afloc_engine.inference`."""
+    from afloc_engine.inference import load_model as _load_model
+
+    return _load_model(name_or_path, device)
+
+
+__all__ = [
+    "AFLocConfig",
+    "AFLocError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "ImageReadError",
+    "PromptError",
+    "load_model",
+    "__version__",
+]

@@ -1,0 +1,87 @@
+"""``afloc localize INPUT... (--prompt TEXT)... | --preset cxr --out DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from afloc_engine.cli.common import add_model_arguments, add_progress_argument
+from afloc_engine.errors import AFLocError, PromptError
+from afloc_engine.progress import Progress, emit
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", type=Path, help="images: DICOM file or series folder, PNG/JPEG, NRRD, NIfTI")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); free text is fine")
+    parser.add_argument("--preset", help="add a preset prompt list (cxr: 13 findings + ground-glass opacity)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per input)")
+    parser.add_argument("--threshold", type=float, default=None, help="mask threshold on the [-1, 1] heatmap")
+    parser.add_argument("--similarity", choices=("cosine", "dot"), default=None)
+    parser.add_argument("--no-overlay", action="store_true", help="skip the overlay PNG")
+    parser.add_argument("--dicom-seg", action="store_true", help="for DICOM inputs, also write a DICOM SEG (highdicom)")
+    parser.add_argument("--axis", type=int, default=0, help="for volumes: slice axis in (Z, Y, X) array order")
+    parser.add_argument("--volume-normalization", choices=("volume", "slice"), default="volume")
+    add_model_arguments(parser)
+    add_progress_argument(parser)
+
+
+def output_name(path: Path, taken: set[str]) -> str:
+    base = path.name
+    for suffix in (".nii.gz", ".seg.nrrd"):
+        if base.lower().endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    else:
+        base = path.stem
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", base) or "image"
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    taken.add(name)
+    return name
+
+
+def run(args: argparse.Namespace) -> int:
+    import afloc_engine
+    from afloc_engine.io import read_image
+    from afloc_engine.outputs import write_results
+    from afloc_engine.prompts import preset_prompts, validate_prompts
+
+    prompts = list(args.prompt)
+    if args.preset:
+        prompts += preset_prompts(args.preset)
+    if not prompts:
+        raise PromptError("give at least one --prompt or a --preset")
+    prompts = validate_prompts(prompts)
+    # read every input first: a bad file stops the run before any output is written
+    images = [read_image(p) for p in args.inputs]
+    try:
+        model = afloc_engine.load_model(args.model, args.device)
+    except ValueError as err:
+        raise AFLocError(str(err)) from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    written = []
+    with Progress(len(images), args.progress, desc="localize") as progress:
+        for path, image in zip(args.inputs, images):
+            if image.is_volume:
+                result = model.localize_volume(
+                    image, prompts, args.threshold, axis=args.axis, normalization=args.volume_normalization
+                )
+            else:
+                result = model.localize(image, prompts, args.threshold, similarity=args.similarity)
+            out_dir = write_results(result, args.out / output_name(path, taken), overlay=not args.no_overlay)
+            if args.dicom_seg and image.meta.get("sop_instance_uid"):
+                from afloc_engine.dicom_seg import write_dicom_seg
+
+                write_dicom_seg(path, result, out_dir / "masks.dcm")
+            written.append(str(out_dir))
+            progress.update(1, message=str(path), output=str(out_dir))
+    if args.progress == "json":
+        emit("done", outputs=written, model_id=model.model_id, trained=model.info.trained)
+    else:
+        for w in written:
+            print(w)
+    return 0

@@ -1,0 +1,227 @@
+"""Prompt inference: an image and text prompts in, heatmaps, masks and probabilities out.
+
+>>> model = load_model("default")                                    # doctest: +SKIP
+>>> r = model.localize("chest.dcm", ["Findings suggesting pneumothorax"])  # doctest: +SKIP
+>>> r.heatmaps.shape  # (P, H, W) float32 in [-1, 1], on the input's own pixel grid  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+
+from afloc_engine.checkpoint import ModelInfo, load_model_folder
+from afloc_engine.config import AFLocConfig
+from afloc_engine.heatmap import grid_to_image, similarity_maps
+from afloc_engine.io import ImageData, read_image
+from afloc_engine.models import AFLocModel
+from afloc_engine.prompts import negative_prompt, validate_prompts
+from afloc_engine.transforms import Letterbox, prepare_image
+
+log = logging.getLogger(__name__)
+
+ImageInput = Union[str, Path, np.ndarray, ImageData]
+
+UNTRAINED_WARNING = (
+    "UNTRAINED MODEL: the default model's weights are random; heatmaps and probabilities mean nothing. "
+    "Install a trained model (afloc models install) or pass a trained model folder."
+)
+
+
+@dataclass
+class LocalizationResult:
+    """Heatmaps, masks and zero-shot probabilities of P prompts on one image.
+
+    heatmaps: (P, H, W) float32 in [-1, 1] on the input's pixel grid (same geometry as ``image``).
+    masks: (P, H, W) bool, ``heatmaps > threshold``. probabilities: (P,) float32, P(finding
+    present) from the prompt against its negative ("No {finding}").
+    """
+
+    prompts: list[str]
+    heatmaps: np.ndarray
+    masks: np.ndarray
+    probabilities: np.ndarray
+    threshold: float
+    image: ImageData
+    model_id: str
+    trained: bool
+    negative_prompts: list[str] = field(default_factory=list)
+
+    def with_threshold(self, threshold: float) -> LocalizationResult:
+        """The same heatmaps thresholded anew (no network run)."""
+        return LocalizationResult(
+            self.prompts,
+            self.heatmaps,
+            self.heatmaps > threshold,
+            self.probabilities,
+            float(threshold),
+            self.image,
+            self.model_id,
+            self.trained,
+            self.negative_prompts,
+        )
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU. Raises ValueError for an unavailable GPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but no CUDA GPU is available (use --device cpu)")
+    return torch.device(device)
+
+
+def as_image(image: ImageInput) -> ImageData:
+    """A path, an array ((H, W), (H, W, 3) or (Z, Y, X)) or :class:`ImageData` -> :class:`ImageData`."""
+    if isinstance(image, ImageData):
+        return image
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    return ImageData.from_array(np.asarray(image))
+
+
+class AFLoc:
+    """A loaded AFLoc model ready for prompt inference (the object :func:`load_model` returns)."""
+
+    def __init__(self, model: AFLocModel, info: ModelInfo, device: str | torch.device = "auto") -> None:
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.info = info
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def config(self) -> AFLocConfig:
+        return self.model.config
+
+    @property
+    def model_id(self) -> str:
+        return self.info.model_id
+
+    # --- text --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(P, D) report embeddings of the prompts, cached per prompt string."""
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if todo:
+            feats = self.model.text_encoder.encode(todo)
+            for p, emb in zip(todo, feats.report.float().cpu()):
+                self._prompt_cache[p] = emb
+        return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
+
+    # --- images ------------------------------------------------------------------------------
+    def prepare(self, image: ImageData) -> tuple[torch.Tensor, Letterbox]:
+        """(C, S, S) network input and the letterbox of one 2D image."""
+        c = self.config
+        return prepare_image(image.array, c.image_size, image.window, c.intensity_mean, c.intensity_std, c.in_channels)
+
+    @torch.inference_mode()
+    def encode_images(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, S, S) prepared images -> deep local (B, D, g, g) and global (B, D) features."""
+        feats = self.model.encode_images(batch.to(self.device))
+        return feats.deep.float(), feats.global_.float()
+
+    def probabilities(self, global_features: torch.Tensor, prompts: list[str], negatives: list[str]) -> torch.Tensor:
+        """(B, P) P(positive) = softmax over [positive, negative] of tau3 * cos(global, prompt)."""
+        pos = torch.nn.functional.normalize(self.embed_prompts(prompts), dim=-1)
+        neg = torch.nn.functional.normalize(self.embed_prompts(negatives), dim=-1)
+        g = torch.nn.functional.normalize(global_features, dim=-1)
+        logits = torch.stack([g @ pos.t(), g @ neg.t()], dim=-1) * self.config.tau3
+        return torch.softmax(logits, dim=-1)[..., 0]
+
+    # --- the public call ---------------------------------------------------------------------
+    def localize(
+        self,
+        image: ImageInput,
+        prompts: list[str] | str,
+        threshold: float | None = None,
+        similarity: str | None = None,
+        negative_prompts: list[str] | None = None,
+    ) -> LocalizationResult:
+        """Heatmaps, masks and probabilities for ``prompts`` on one 2D image.
+
+        Args:
+            image: a file path, an (H, W) / (H, W, 3) array, or :class:`ImageData`.
+            prompts: prompt sentences ("Findings suggesting pneumothorax", or free text).
+            threshold: mask threshold on the [-1, 1] heatmap (default: the model's, 0.3).
+            similarity: ``cosine`` or ``dot`` (default: the model's).
+            negative_prompts: negatives for the probabilities (default: "No {finding}").
+        """
+        return self.localize_batch([image], prompts, threshold, similarity, negative_prompts)[0]
+
+    def localize_batch(
+        self,
+        images: list[ImageInput],
+        prompts: list[str] | str,
+        threshold: float | None = None,
+        similarity: str | None = None,
+        negative_prompts: list[str] | None = None,
+    ) -> list[LocalizationResult]:
+        """:meth:`localize` for several 2D images in one network batch."""
+        prompts = validate_prompts(prompts)
+        negatives = validate_prompts(negative_prompts) if negative_prompts else [negative_prompt(p) for p in prompts]
+        if len(negatives) != len(prompts):
+            raise ValueError("give one negative prompt per prompt")
+        threshold = self.config.threshold if threshold is None else float(threshold)
+        datas = [as_image(i) for i in images]
+        for d in datas:
+            if d.is_volume:
+                raise ValueError("localize_batch takes 2D images; use localize_volume for 3D volumes")
+        prepared = [self.prepare(d) for d in datas]
+        deep, glob = self.encode_images(torch.stack([p[0] for p in prepared]))
+        with torch.inference_mode():
+            grids = similarity_maps(deep, self.embed_prompts(prompts), similarity or self.config.similarity)
+            probs = self.probabilities(glob, prompts, negatives).cpu().numpy().astype(np.float32)
+            results = []
+            for i, (data, (_, box)) in enumerate(zip(datas, prepared)):
+                heat = grid_to_image(grids[i], box, self.config.smoothing_sigma).cpu().numpy().astype(np.float32)
+                results.append(
+                    LocalizationResult(
+                        list(prompts),
+                        heat,
+                        heat > threshold,
+                        probs[i],
+                        threshold,
+                        data,
+                        self.model_id,
+                        self.info.trained,
+                        negatives,
+                    )
+                )
+        return results
+
+
+def load_model(name_or_path: str | Path = "default", device: str | torch.device = "auto") -> AFLoc:
+    """Load a model by name (``default``; an installed model) or model folder.
+
+    The default model ships inside the package. If its weights are absent, a randomly
+    initialised model is returned with a loud warning; ``result.trained`` is then False.
+    """
+    from afloc_engine.registry import resolve_model
+
+    folder, expected_sha = resolve_model(str(name_or_path))
+    if folder is None:
+        warnings.warn(UNTRAINED_WARNING, stacklevel=2)
+        log.warning(UNTRAINED_WARNING)
+        return AFLoc(untrained_default(), ModelInfo(name="default", version="untrained", trained=False), device)
+    model, info = load_model_folder(folder, expected_sha)
+    if not info.trained:
+        warnings.warn(f"{folder}: {UNTRAINED_WARNING}", stacklevel=2)
+    return AFLoc(model, info, device)
+
+
+def untrained_default(config: AFLocConfig | None = None, seed: int = 0) -> AFLocModel:
+    """The default architecture with seeded random weights (stand-in until a trained model is installed)."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return AFLocModel(config or AFLocConfig()).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)

