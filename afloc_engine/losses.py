@@ -14,6 +14,24 @@ import torch.nn.functional as F
 _NEG = -1e4  # a large negative logit that stays finite in bf16/fp16
 
 
+# Reports per chunk are chosen so one chunk's (B_img, chunk, N, M) score tensor holds about this
+# many elements (~0.5 GB in float32); the trainer may change it (see ``set_chunk_elements``).
+_CHUNK_ELEMENTS = 1 << 27
+_compiled_kernel = None
+
+
+def set_chunk_elements(elements: int) -> None:
+    """Memory budget of the automatic chunking: elements of one (B_img, chunk, N, M) score tensor."""
+    global _CHUNK_ELEMENTS
+    _CHUNK_ELEMENTS = max(1, int(elements))
+
+
+def compile_local_similarity(enabled: bool = True) -> None:
+    """Use a ``torch.compile``-d kernel for Z (fuses the two softmaxes and the casts; GPU training)."""
+    global _compiled_kernel
+    _compiled_kernel = torch.compile(_local_similarity_chunk, dynamic=True) if enabled else None
+
+
 def local_similarity(
     regions: torch.Tensor,
     text: torch.Tensor,
@@ -32,45 +50,125 @@ def local_similarity(
         tau1: attention sharpening over regions.
         tau2: scale of the text-unit/context cosine inside the log-sum-exp.
         aggregation: ``sum`` -> Z = log sum_i exp(tau2 cos_i); ``mean`` -> log of the mean.
-        chunk_size: reports processed at a time (bounds memory at B_img * chunk * N * M).
+        chunk_size: reports processed at a time (bounds memory at B_img * chunk * N * M); by default
+            chosen so a chunk's score tensor holds about ``set_chunk_elements`` elements.
 
     Returns:
         (B_img, B_txt) matrix of Z. A report with no real unit gets Z = 0.
 
     For each pair: s = t v^T (N x M); attention is first normalised over the text units, then
     sharpened by tau1 and normalised over regions; c_i = sum_j a_ij v_j; Z pools cos(c_i, t_i).
+    Memory-lean under autograd: the forward keeps no (B_img, B_txt, N, M) intermediate; the backward
+    recomputes each chunk (a custom autograd function), so peak memory is one chunk's, not the batch's.
     """
     if regions.dim() != 3 or text.dim() != 3 or text_mask.shape != text.shape[:2]:
         raise ValueError("expected regions (B_img, M, D), text (B_txt, N, D), text_mask (B_txt, N)")
     if aggregation not in ("sum", "mean"):
         raise ValueError(f"aggregation must be 'sum' or 'mean', not {aggregation!r}")
-    b_txt = text.shape[0]
-    chunk = b_txt if not chunk_size else max(1, chunk_size)
+    text_mask = text_mask.bool()
+    b_img, m = regions.shape[:2]
+    b_txt, n = text.shape[:2]
+    if chunk_size:
+        chunk = max(1, int(chunk_size))
+    else:
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, b_img * max(n, 1) * m))
+    chunk = min(chunk, max(b_txt, 1))
+    params = (tau1, tau2, aggregation, chunk)
+    if torch.is_grad_enabled() and (regions.requires_grad or text.requires_grad):
+        return _LocalSimilarity.apply(regions, text, text_mask, params)
+    return _local_similarity_chunked(regions, text, text_mask, params)
+
+
+def _kernel():  # noqa: ANN202
+    return _compiled_kernel if _compiled_kernel is not None else _local_similarity_chunk
+
+
+def _local_similarity_chunked(
+    regions: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, params: tuple
+) -> torch.Tensor:
+    tau1, tau2, aggregation, chunk = params
+    kernel = _kernel()
     parts = [
-        _local_similarity_chunk(regions, text[i : i + chunk], text_mask[i : i + chunk], tau1, tau2, aggregation)
-        for i in range(0, b_txt, chunk)
+        kernel(regions, text[i : i + chunk], text_mask[i : i + chunk], tau1, tau2, aggregation)
+        for i in range(0, text.shape[0], chunk)
     ]
+    if not parts:
+        return regions.new_zeros(regions.shape[0], 0)
     return torch.cat(parts, dim=1)
+
+
+class _LocalSimilarity(torch.autograd.Function):
+    """Z with activation recomputation: saves only the inputs, recomputes one chunk at a time in backward."""
+
+    @staticmethod
+    def forward(ctx, regions, text, text_mask, params):  # noqa: ANN001, ANN205
+        device_type = regions.device.type
+        ctx.autocast = (
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+            device_type,
+        )
+        ctx.params = params
+        ctx.save_for_backward(regions, text, text_mask)
+        with torch.no_grad():
+            return _local_similarity_chunked(regions, text, text_mask, params)
+
+    @staticmethod
+    def backward(ctx, grad_z):  # noqa: ANN001, ANN205
+        regions, text, text_mask = ctx.saved_tensors
+        tau1, tau2, aggregation, chunk = ctx.params
+        enabled, dtype, device_type = ctx.autocast
+        kernel = _kernel()
+        need_r, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.float64 if regions.dtype == torch.float64 else torch.float32
+        grad_regions = torch.zeros(regions.shape, dtype=acc, device=regions.device) if need_r else None
+        grad_text = torch.zeros_like(text) if need_t else None
+        leaf_r = regions.detach().requires_grad_(need_r)
+        for i in range(0, text.shape[0], chunk):
+            leaf_t = text[i : i + chunk].detach().requires_grad_(need_t)
+            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                z = kernel(leaf_r, leaf_t, text_mask[i : i + chunk], tau1, tau2, aggregation)
+            inputs = [x for x, need in ((leaf_r, need_r), (leaf_t, need_t)) if need]
+            grads = torch.autograd.grad(z, inputs, grad_z[:, i : i + chunk].to(z.dtype))
+            grads = list(grads)
+            if need_r:
+                grad_regions += grads.pop(0).to(acc)
+            if need_t:
+                grad_text[i : i + chunk] = grads.pop(0)
+        if grad_regions is not None:
+            grad_regions = grad_regions.to(regions.dtype)
+        return grad_regions, grad_text, None, None
 
 
 def _local_similarity_chunk(
     regions: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, tau1: float, tau2: float, aggregation: str
 ) -> torch.Tensor:
+    """Z of B_img images against one chunk of reports: (B_img, M, D), (T, N, D), (T, N) -> (B_img, T).
+
+    The attention over regions, softmax_m(tau1 * p), needs no max-subtraction: p, a softmax over the
+    text units, lies in [0, 1], so exp(tau1 * p) lies in [1, e^tau1]. The context is (e v) / sum_m e,
+    which spares one pass over the (B, T, N, M) tensor; the text-unit softmax runs in float32.
+    """
     mask = text_mask.bool()
-    # s[b, t, n, m] = <text[t, n], regions[b, m]>
-    scores = torch.einsum("tnd,bmd->btnm", text, regions)
     unit_mask = mask[None, :, :, None]
-    # softmax over the text units (padding excluded), then over regions after sharpening by tau1
-    attn = torch.softmax(scores.masked_fill(~unit_mask, _NEG), dim=2)
-    attn = torch.softmax(attn * tau1, dim=3)
-    context = torch.einsum("btnm,bmd->btnd", attn, regions)
-    cos = F.cosine_similarity(context, text.unsqueeze(0).expand_as(context), dim=-1, eps=1e-8)  # (B, T, N)
+    # s[b, t, n, m] = <text[t, n], regions[b, m]>
+    scores = _at_least_f32(torch.einsum("tnd,bmd->btnm", text, regions)).masked_fill(~unit_mask, _NEG)
+    p = torch.softmax(scores, dim=2)  # over the text units (padding excluded)
+    e = torch.exp(p * tau1)  # un-normalised attention over regions, in [1, e^tau1]
+    norm = e.sum(dim=3, keepdim=True)
+    context = torch.einsum("btnm,bmd->btnd", e.to(regions.dtype), regions) / norm.to(regions.dtype)
+    text32 = _at_least_f32(text).unsqueeze(0).expand_as(context)
+    cos = F.cosine_similarity(_at_least_f32(context), text32, dim=-1, eps=1e-8)
     logits = (cos * tau2).masked_fill(~mask.unsqueeze(0), _NEG)
-    z = torch.logsumexp(logits, dim=2)
+    z = torch.logsumexp(logits, dim=2)  # (B, T)
     counts = mask.sum(dim=1)
     if aggregation == "mean":
         z = z - torch.log(counts.clamp(min=1).to(z.dtype)).unsqueeze(0)
     return torch.where(counts.unsqueeze(0) > 0, z, torch.zeros_like(z))
+
+
+def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def global_similarity(image: torch.Tensor, report: torch.Tensor) -> torch.Tensor:
