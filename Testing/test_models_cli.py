@@ -1,0 +1,81 @@
+"""``afloc models list | install | remove`` through the CLI entry point."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from afloc_engine.cli import main
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, tiny_model) -> Path:
+    from afloc_engine.checkpoint import ModelInfo, save_model
+
+    root = tmp_path_factory.mktemp("cli-src")
+    folder = save_model(tiny_model, root / "cli-model", ModelInfo(name="cli-model", version="2"), dtype=torch.float16)
+    path = root / "cli-model.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for f in ("config.json", "model.safetensors"):
+            zf.write(folder / f, f"cli-model/{f}")
+    return path
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("AFLOC_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_install_list_remove(home, archive, capsys):
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert main(["models", "install", str(archive), "--sha256", digest, "--progress", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "installed: cli-model" in out and digest in out
+    assert "not trained" in out  # ModelInfo(trained=False): the CLI says so
+    assert (home / "models" / "cli-model" / "model.safetensors").is_file()
+
+    assert main(["models", "install", str(archive), "--sha256", digest, "--progress", "json"]) == 0
+    done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert done["event"] == "done" and done["cached"] is True and done["name"] == "cli-model"
+
+    assert main(["models", "list", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["home"] == str(home)
+    row = next(r for r in listing["models"] if r["name"] == "cli-model")
+    assert row["sha256"] == digest and row["source"] == "installed" and row["trained"] is False
+
+    assert main(["models", "list"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["NAME", "VERSION", "SOURCE"]
+    assert any(line.startswith("cli-model") and digest[:12] in line for line in table)
+
+    assert main(["models", "remove", "cli-model"]) == 0
+    assert "removed: cli-model" in capsys.readouterr().out
+    assert not (home / "models" / "cli-model").exists()
+    assert main(["models", "list", "--json"]) == 0
+    assert all(r["name"] != "cli-model" for r in json.loads(capsys.readouterr().out)["models"])
+
+
+def test_errors_exit_2_with_one_line(home, archive, tmp_path, capsys):
+    code = main(["models", "install", str(archive), "--sha256", "ab" * 32, "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "SHA-256 mismatch" in err and str(archive) in err
+    assert not (home / "models" / "cli-model").exists()
+
+    junk = tmp_path / "junk.zip"
+    junk.write_bytes(b"not a zip")
+    code = main(["models", "install", str(junk), "--progress", "json"])
+    captured = capsys.readouterr()
+    assert code == 2 and "not a model archive" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["event"] == "error"
+
+    assert main(["models", "remove", "nothing-here"]) == 2
+    assert "no installed model named 'nothing-here'" in capsys.readouterr().err
+    assert main(["models", "install", str(tmp_path / "missing.zip")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+"""``afloc models list [--json] | install URL_OR_PATH [--sha256 H] [--name N] | remove NAME``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from afloc_engine.cli.common import add_progress_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Sub-actions ``list``, ``install`` and ``remove`` of ``afloc models``."""
+    actions = parser.add_subparsers(dest="models_action", metavar="ACTION")
+    actions.required = True
+    p_list = actions.add_parser("list", help="models shipped, installed and installable, with checksums")
+    p_list.add_argument("--json", action="store_true", help="print as JSON")
+    p_install = actions.add_parser(
+        "install",
+        help="install a model archive (.zip/.tar.gz) from a file, a folder, an https URL or a manifest name",
+    )
+    p_install.add_argument("source", metavar="URL_OR_PATH")
+    p_install.add_argument("--sha256", help="expected SHA-256 of the archive; nothing is installed on mismatch")
+    p_install.add_argument("--name", help="install under this name (default: the model's own name)")
+    p_install.add_argument("--force", action="store_true", help="replace an installed model of the same name")
+    p_install.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
+    add_progress_argument(p_install)
+    p_remove = actions.add_parser("remove", help="delete an installed model from the user cache")
+    p_remove.add_argument("name", metavar="NAME")
+
+
+def _size(n: int) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one ``afloc models`` action; returns the exit code."""
+    from afloc_engine import registry
+    from afloc_engine.progress import emit
+
+    if args.models_action == "list":
+        rows = registry.list_models()
+        if args.json:
+            print(json.dumps({"home": str(registry.afloc_home()), "models": rows}, indent=2))
+            return 0
+        header = ("NAME", "VERSION", "SOURCE", "TRAINED", "SIZE", "SHA256", "DESCRIPTION")
+        table = [
+            (
+                r["name"],
+                r["version"] or "-",
+                r["source"],
+                {True: "yes", False: "NO", None: "?"}[r["trained"]],
+                _size(r["size"]),
+                (r["sha256"] or "-")[:12],
+                r["description"],
+            )
+            for r in rows
+        ]
+        widths = [max(len(str(row[i])) for row in [header, *table]) for i in range(len(header) - 1)]
+        for row in [header, *table]:
+            print("  ".join(f"{str(v):<{w}}" for v, w in zip(row, widths)) + "  " + str(row[-1]))
+        print(f"(installed models live in {registry.models_dir()})")
+        return 0
+    if args.models_action == "install":
+        record = registry.install(
+            args.source, args.sha256, args.name, force=args.force, progress=args.progress, timeout=args.timeout
+        )
+        if args.progress == "json":
+            emit("done", **{k: record[k] for k in ("name", "version", "sha256", "path", "cached", "trained")})
+        else:
+            verb = "already installed" if record["cached"] else "installed"
+            name, version, digest = record["name"], record["version"], record["sha256"]
+            print(f"{verb}: {name} (version {version}, sha256 {digest}) in {record['path']}")
+            if not record.get("trained"):
+                print("warning: this model says it is not trained; its outputs mean nothing")
+        return 0
+    if args.models_action == "remove":
+        folder = registry.remove(args.name)
+        print(f"removed: {args.name} ({folder})")
+        return 0
+    raise AssertionError(args.models_action)  # pragma: no cover (argparse enforces the choices)
