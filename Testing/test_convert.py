@@ -1,0 +1,319 @@
+"""``afloc convert-reference``: a small checkpoint in the reference AFLoc Lightning layout, written here.
+
+The image side is a torchvision-named ResNet-50 state dict with random tensors; the text side is a
+small BERT built with transformers. The converted model's features are compared with a hand-written
+torchvision-layout ResNet-50 forward and with the BERT run directly on the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from afloc_engine.errors import CheckpointError
+
+D = 32  # BERT width = shared embedding width (the reference has no text projection)
+STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))  # torchvision ResNet-50: planes, blocks, stride
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "no", "findings", "suggesting", "pneumothorax", "large"]
+VOCAB += ["right", "sided", "pleural", "effusion", "left", "lung", "opacity", "the", "of", "is", "##s", "."]
+
+
+def torchvision_resnet50_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random tensors under torchvision's ResNet-50 names (no fc), with sane BN statistics."""
+    sd: dict[str, torch.Tensor] = {}
+
+    def conv(name: str, cout: int, cin: int, k: int) -> None:
+        sd[f"{name}.weight"] = torch.randn(cout, cin, k, k, generator=gen) * (2.0 / (cin * k * k)) ** 0.5
+
+    def bn(name: str, c: int) -> None:
+        sd[f"{name}.weight"] = 1 + 0.1 * torch.randn(c, generator=gen)
+        sd[f"{name}.bias"] = 0.1 * torch.randn(c, generator=gen)
+        sd[f"{name}.running_mean"] = 0.1 * torch.randn(c, generator=gen)
+        sd[f"{name}.running_var"] = 0.5 + torch.rand(c, generator=gen)
+        sd[f"{name}.num_batches_tracked"] = torch.tensor(1000)
+
+    conv("conv1", 64, 3, 7)
+    bn("bn1", 64)
+    inplanes = 64
+    for i, (planes, blocks, _) in enumerate(STAGES, start=1):
+        for b in range(blocks):
+            p = f"layer{i}.{b}"
+            conv(f"{p}.conv1", planes, inplanes, 1)
+            bn(f"{p}.bn1", planes)
+            conv(f"{p}.conv2", planes, planes, 3)
+            bn(f"{p}.bn2", planes)
+            conv(f"{p}.conv3", planes * 4, planes, 1)
+            bn(f"{p}.bn3", planes * 4)
+            if b == 0:
+                conv(f"{p}.downsample.0", planes * 4, inplanes, 1)
+                bn(f"{p}.downsample.1", planes * 4)
+            inplanes = planes * 4
+    return sd
+
+
+def reference_image_features(x: torch.Tensor, sd: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """torchvision ResNet-50 (v1.5: stride in the 3x3 conv) + AFLoc embedders, written out by hand.
+
+    ``sd`` holds the reference's short keys (``img_encoder.model.*``, ``img_encoder.*_embedder.*``).
+    Returns shallow (local2_embedder on layer2), deep (local_embedder on layer3), global (layer4 pooled).
+    """
+    m = "img_encoder.model."
+
+    def bn(t: torch.Tensor, name: str) -> torch.Tensor:
+        w, b = sd[f"{m}{name}.weight"], sd[f"{m}{name}.bias"]
+        return F.batch_norm(t, sd[f"{m}{name}.running_mean"], sd[f"{m}{name}.running_var"], w, b, False, 0.0, 1e-5)
+
+    t = F.relu(bn(F.conv2d(x, sd[f"{m}conv1.weight"], stride=2, padding=3), "bn1"))
+    t = F.max_pool2d(t, 3, 2, 1)
+    outs = []
+    for i, (_, blocks, stride) in enumerate(STAGES, start=1):
+        for b in range(blocks):
+            p = f"layer{i}.{b}"
+            s = stride if b == 0 else 1
+            y = F.relu(bn(F.conv2d(t, sd[f"{m}{p}.conv1.weight"]), f"{p}.bn1"))
+            y = F.relu(bn(F.conv2d(y, sd[f"{m}{p}.conv2.weight"], stride=s, padding=1), f"{p}.bn2"))
+            y = bn(F.conv2d(y, sd[f"{m}{p}.conv3.weight"]), f"{p}.bn3")
+            short = t if b > 0 else bn(F.conv2d(t, sd[f"{m}{p}.downsample.0.weight"], stride=s), f"{p}.downsample.1")
+            t = F.relu(y + short)
+        outs.append(t)
+    shallow = F.conv2d(outs[1], sd["img_encoder.local2_embedder.weight"])
+    deep = F.conv2d(outs[2], sd["img_encoder.local_embedder.weight"])
+    glob = F.linear(
+        outs[3].mean(dim=(2, 3)), sd["img_encoder.global_embedder.weight"], sd["img_encoder.global_embedder.bias"]
+    )
+    return shallow, deep, glob
+
+
+class Hostile:
+    """An object whose unpickling would run a shell command, if anything ran it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    """A small BERT (4 layers, width D) with a fast tokenizer, saved as a Hugging Face folder."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(1)
+    cfg = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=D,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(cfg).save_pretrained(folder)
+    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(bert_dir) -> dict[str, torch.Tensor]:
+    """The reference short-key state dict: torchvision ResNet-50, three embedders, BERT (other weights)."""
+    from transformers import BertConfig, BertModel
+
+    gen = torch.Generator().manual_seed(0)
+    sd = {f"img_encoder.model.{k}": v for k, v in torchvision_resnet50_state(gen).items()}
+    sd["img_encoder.local2_embedder.weight"] = torch.randn(D, 512, 1, 1, generator=gen) / 512**0.5
+    sd["img_encoder.local_embedder.weight"] = torch.randn(D, 1024, 1, 1, generator=gen) / 1024**0.5
+    sd["img_encoder.global_embedder.weight"] = torch.randn(D, 2048, generator=gen) / 2048**0.5
+    sd["img_encoder.global_embedder.bias"] = torch.randn(D, generator=gen)
+    torch.manual_seed(2)  # different from the folder's weights: the checkpoint's must win
+    bert = BertModel(BertConfig.from_pretrained(bert_dir))
+    for k, v in bert.state_dict().items():
+        sd[f"text_encoder.model.{k}"] = v.clone()
+    sd["text_encoder.model.embeddings.position_ids"] = torch.arange(128)[None]  # saved by old transformers
+    return sd
+
+
+def write_lightning_ckpt(path: Path, state: dict[str, torch.Tensor], hyper_content: dict, marker: Path) -> Path:
+    """Save in the reference layout: 'state_dict' with keys under 'afloc.', and hyper_parameters pickled as an
+    ``omegaconf.dictconfig.DictConfig`` (a stand-in module, gone again at load) plus a hostile object."""
+
+    def init(self, content: dict) -> None:
+        self._content = content
+
+    dict_config = type("DictConfig", (), {"__module__": "omegaconf.dictconfig", "__init__": init})
+    package, module = types.ModuleType("omegaconf"), types.ModuleType("omegaconf.dictconfig")
+    module.DictConfig = dict_config
+    package.dictconfig = module
+    assert "omegaconf" not in sys.modules
+    sys.modules.update({"omegaconf": package, "omegaconf.dictconfig": module})
+    try:
+        torch.save(
+            {
+                "epoch": 5,
+                "global_step": 8600,
+                "pytorch-lightning_version": "1.1.4",
+                "state_dict": {f"afloc.{k}": v for k, v in state.items()},
+                "hyper_parameters": {"cfg": dict_config(hyper_content), "hostile": Hostile(marker)},
+            },
+            path,
+        )
+    finally:
+        del sys.modules["omegaconf"], sys.modules["omegaconf.dictconfig"]
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, reference, bert_dir) -> tuple[Path, Path]:
+    """(model folder, marker path) after converting through the CLI."""
+    from afloc_engine.cli import main
+
+    root = tmp_path_factory.mktemp("conv")
+    marker = root / "PWNED"
+    ckpt = write_lightning_ckpt(root / "afloc.ckpt", reference, {"lr": 2e-5, "batch_size": 128}, marker)
+    with pytest.raises(pickle.UnpicklingError):  # plain weights-only load refuses it: the fallback is exercised
+        torch.load(ckpt, weights_only=True)
+    out = root / "model"
+    assert main(["convert-reference", str(ckpt), str(out), "--text-model", str(bert_dir)]) == 0
+    return out, marker
+
+
+@pytest.mark.slow
+def test_converted_model_matches_reference_computation(converted, reference, bert_dir):
+    from afloc_engine.checkpoint import load_model_folder, read_config
+
+    folder, marker = converted
+    assert not marker.exists(), "converting must never run code from the checkpoint"
+    config, info = read_config(folder)
+    assert config.backbone == "resnet50" and config.embed_dim == D and config.in_channels == 1
+    assert config.text_model == str(bert_dir.resolve()) and info.text_weights == "checkpoint" and info.trained
+    assert "omegaconf.dictconfig.DictConfig" in info.extra["not_loaded"]
+    assert "posix.system" in info.extra["not_loaded"] or "os.system" in info.extra["not_loaded"]
+
+    model, _ = load_model_folder(folder)
+    # every tensor landed under its engine key with equal values
+    state = model.state_dict()
+    for key, value in reference.items():
+        if key.endswith(("num_batches_tracked", "position_ids")):
+            continue
+        if key.startswith("img_encoder.model."):
+            engine = "image_encoder.backbone." + key.removeprefix("img_encoder.model.")
+        elif key.startswith("text_encoder.model."):
+            engine = "text_encoder.transformer." + key.removeprefix("text_encoder.model.")
+        else:
+            engine = {
+                "img_encoder.local2_embedder.weight": "image_encoder.shallow_proj.weight",
+                "img_encoder.local_embedder.weight": "image_encoder.deep_proj.weight",
+                "img_encoder.global_embedder.weight": "image_encoder.global_proj.weight",
+                "img_encoder.global_embedder.bias": "image_encoder.global_proj.bias",
+            }[key]
+        expected = value.sum(1, keepdim=True) if engine == "image_encoder.backbone.conv1.weight" else value
+        torch.testing.assert_close(state[engine], expected, rtol=0, atol=1e-6, msg=f"{key} -> {engine}")
+    assert torch.equal(state["text_encoder.projection.weight"], torch.eye(D))
+    assert torch.equal(state["text_encoder.projection.bias"], torch.zeros(D))
+
+    # image features equal the hand-written torchvision-layout forward on the RGB copy of a grey image
+    gen = torch.Generator().manual_seed(3)
+    grey = torch.rand(1, 1, 299, 299, generator=gen) * 2 - 1
+    with torch.no_grad():
+        feats = model.encode_images(grey)
+        ref_shallow, ref_deep, ref_global = reference_image_features(grey.repeat(1, 3, 1, 1), reference)
+    assert feats.deep.shape == (1, D, 19, 19) and feats.shallow.shape == (1, D, 38, 38)
+    for ours, theirs in ((feats.shallow, ref_shallow), (feats.deep, ref_deep), (feats.global_, ref_global)):
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * scale)
+
+    # report features equal BERT run directly on the checkpoint's weights (last 4 layers summed, mean over words)
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(bert_dir).eval()
+    bert.load_state_dict(
+        {k.removeprefix("text_encoder.model."): v for k, v in reference.items() if k.startswith("text_encoder.model.")},
+        strict=False,
+    )
+    tokens = model.text_encoder.tokenize(["Findings suggesting pneumothorax. No pleural effusion"])
+    with torch.no_grad():
+        ours = model.text_encoder(tokens).report
+        hidden = bert(tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True).hidden_states
+    summed = torch.stack(hidden[-4:]).sum(0)[0]
+    words = tokens.word_index[0] >= 0
+    torch.testing.assert_close(ours[0], summed[words].mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_missing_wrong_and_unexpected_keys_are_named(reference, bert_dir, tmp_path):
+    from afloc_engine.convert import infer_reference_config, map_reference_state
+    from afloc_engine.models import AFLocModel
+
+    src = tmp_path / "x.ckpt"
+    config = infer_reference_config(reference, bert_dir, 1, src)
+    assert config.backbone == "resnet50" and config.embed_dim == D
+    targets = AFLocModel(config, bert_dir).state_dict()
+    assert map_reference_state(reference, targets, src).keys() == {
+        k for k in targets if not k.endswith("num_batches_tracked")
+    }
+
+    missing = dict(reference)
+    del missing["img_encoder.model.layer3.2.conv2.weight"]
+    with pytest.raises(CheckpointError, match=r"missing key 'img_encoder\.model\.layer3\.2\.conv2\.weight'") as err:
+        map_reference_state(missing, targets, src)
+    assert str(src) in str(err.value)
+
+    wrong = dict(reference)
+    wrong["img_encoder.local_embeder.weight"] = wrong.pop("img_encoder.local_embedder.weight")
+    with pytest.raises(CheckpointError, match=r"missing key 'img_encoder\.local_embedder\.weight'"):
+        infer_reference_config(wrong, bert_dir, 1, src)
+
+    extra = dict(reference)
+    extra["text_encoder.model.encoder.layer.9.output.dense.weight"] = torch.zeros(D, D)
+    with pytest.raises(CheckpointError, match=r"unexpected key 'text_encoder\.model\.encoder\.layer\.9\."):
+        map_reference_state(extra, targets, src)
+
+    bad_shape = dict(reference)
+    bad_shape["img_encoder.model.layer2.0.bn1.running_var"] = torch.ones(7)
+    with pytest.raises(CheckpointError, match=r"'img_encoder\.model\.layer2\.0\.bn1\.running_var' has shape \(7,\)"):
+        map_reference_state(bad_shape, targets, src)
+
+    not_resnet50 = {k: v for k, v in reference.items() if not k.startswith("img_encoder.model.layer3.5.")}
+    with pytest.raises(CheckpointError, match=r"not a torchvision ResNet-50.*\(3, 4, 5, 3\)"):
+        infer_reference_config(not_resnet50, bert_dir, 1, src)
+
+
+def test_bad_checkpoint_files(tmp_path, capsys):
+    from afloc_engine.cli import main
+
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(os.urandom(2000))
+    no_state = tmp_path / "nostate.ckpt"
+    torch.save({"epoch": 1, "optimizer_states": []}, no_state)
+    for path, message in (
+        (tmp_path / "missing.ckpt", "not found"),
+        (empty, "empty"),
+        (garbage, "cannot read the checkpoint"),
+        (no_state, "no 'state_dict'"),
+    ):
+        assert main(["convert-reference", str(path), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(path) in err, err
+        assert not out.exists() and not list(tmp_path.glob(".out.*")), "nothing partial is written"
+
+
+def test_text_model_mismatch_names_key_and_hint(reference, tmp_path):
+    """Converting with the default (MiniLM, 384 wide) text model cannot fit a 32-wide BERT: a clear error."""
+    from afloc_engine.convert import infer_reference_config, map_reference_state
+    from afloc_engine.models import AFLocModel
+
+    small = {k: v for k, v in reference.items() if k.startswith("text_encoder.")}
+    config = infer_reference_config(reference, None, 1, tmp_path / "x.ckpt")
+    targets = {k: v for k, v in AFLocModel(config.replace(backbone="resnet10")).state_dict().items()}
+    targets = {k: v for k, v in targets.items() if k.startswith("text_encoder.transformer.")}
+    with pytest.raises(CheckpointError, match=r"word_embeddings.*--text-model"):
+        map_reference_state(small, targets, tmp_path / "x.ckpt")
