@@ -79,3 +79,25 @@ def test_errors_exit_2_with_one_line(home, archive, tmp_path, capsys):
     assert "no installed model named 'nothing-here'" in capsys.readouterr().err
     assert main(["models", "install", str(tmp_path / "missing.zip")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_install_from_loopback_url_reports_json_progress(home, archive, capsys):
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(archive.parent))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/{archive.name}"
+        assert main(["models", "install", url, "--name", "web", "--progress", "json"]) == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and progress[-1]["step"] == progress[-1]["total"] == archive.stat().st_size
+    assert events[-1]["event"] == "done" and events[-1]["name"] == "web" and events[-1]["cached"] is False
+    assert (home / "models" / "web" / "model.safetensors").is_file()

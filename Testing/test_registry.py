@@ -353,3 +353,14 @@ def test_manifest_validation(tmp_path):
     with pytest.raises(CheckpointError, match="exactly one of 'path' or 'url'"):
         registry.read_manifest(bad)
     assert isinstance(registry.read_manifest(registry.MANIFEST), list)  # the shipped one is valid
+
+
+def test_full_disk_is_a_clear_error(home, server, monkeypatch, model_members):
+    import collections
+
+    server.files["/big.zip"] = zip_bytes(model_members)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(registry.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(CheckpointError, match="not enough disk space"):
+        registry.install(server.url("/big.zip"))
+    assert installed_names(home) == []
