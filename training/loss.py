@@ -56,6 +56,11 @@ def training_loss(
     return _sharded_loss(image, text, config, info, targets, extra_text, chunk_size)
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16 logits are upcast; float64 stays)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _pad_units(x: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad (b, N, D) units and their (b, N) mask to N = n (masked padding)."""
     extra = n - x.shape[1]
@@ -79,12 +84,12 @@ def _sharded_loss(
     device = image.global_.device
     if targets is not None and targets.shape != (total_b, total_b):
         raise ValueError(f"targets must be ({total_b}, {total_b}) for the global batch, not {tuple(targets.shape)}")
-    zero = image.global_.new_zeros((), dtype=torch.float32)
+    zero = _f32(image.global_.new_zeros(()))
     parts = {"word": zero, "sentence": zero, "global": zero}
 
     def share(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """rows: (b, B [+E]) logits of this rank's images; cols: (b, B) logits of this rank's reports."""
-        rows, cols = rows.float() * c.tau3, cols.float() * c.tau3
+        rows, cols = _f32(rows) * c.tau3, _f32(cols) * c.tau3
         if targets is None:
             labels = torch.arange(offset, offset + b, device=device)
             i2t = F.cross_entropy(rows, labels, reduction="sum")

@@ -85,7 +85,11 @@ def _engine_metrics():  # noqa: ANN202 (module or None)
 
 
 def iou_dice(heatmap: np.ndarray, mask: np.ndarray, thresholds: tuple[float, ...] = THRESHOLDS) -> tuple[float, float]:
-    """Mean IoU and Dice of ``heatmap > t`` against a boolean mask over the paper's thresholds."""
+    """Mean IoU and Dice of ``heatmap > t`` against a boolean mask over the paper's thresholds.
+
+    A minimal fallback for when ``afloc_engine.metrics`` (the evaluation issue's module, preferred
+    whenever it is importable) is absent.
+    """
     ious, dices = [], []
     truth = mask.astype(bool)
     for t in thresholds:
@@ -138,6 +142,7 @@ def localisation_metrics(
         wanted = wanted[:limit]
     if not wanted:
         return {}
+    metrics = _engine_metrics()
     was_training = model.training
     afloc = AFLoc(model, ModelInfo(name="training", version="val"), device)
     per_class: dict[str, list[tuple[float, float, float]]] = {}
@@ -150,8 +155,11 @@ def localisation_metrics(
             if mask.shape != heat.shape:
                 log.warning("%s: mask shape %s differs from the image %s; skipped", row["mask"], mask.shape, heat.shape)
                 continue
-            iou, dice = iou_dice(heat, mask)
-            per_class.setdefault(row["class"], []).append((iou, dice, cnr(heat, mask)))
+            if metrics is not None:  # the evaluation issue's definitions, when present
+                scores = (metrics.mean_iou(heat, mask), metrics.mean_dice(heat, mask), metrics.cnr(heat, mask))
+            else:
+                scores = (*iou_dice(heat, mask), cnr(heat, mask))
+            per_class.setdefault(row["class"], []).append(scores)
     finally:
         model.train(was_training)
     out = {}
