@@ -101,3 +101,15 @@ def test_install_from_loopback_url_reports_json_progress(home, archive, capsys):
     assert progress and progress[-1]["step"] == progress[-1]["total"] == archive.stat().st_size
     assert events[-1]["event"] == "done" and events[-1]["name"] == "web" and events[-1]["cached"] is False
     assert (home / "models" / "web" / "model.safetensors").is_file()
+
+
+def test_pack_prints_an_installable_entry(home, archive, tmp_path, capsys):
+    folder = tmp_path / "unpacked"
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(folder)
+    out = tmp_path / "dist" / "cli-model-2.tar.gz"
+    assert main(["models", "pack", str(folder / "cli-model"), str(out)]) == 0
+    entry = json.loads(capsys.readouterr().out)
+    assert entry["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() and entry["version"] == "2"
+    assert main(["models", "install", str(out), "--sha256", entry["sha256"], "--progress", "none"]) == 0
+    assert (home / "models" / "cli-model" / "config.json").is_file()

@@ -364,3 +364,47 @@ def test_full_disk_is_a_clear_error(home, server, monkeypatch, model_members):
     with pytest.raises(CheckpointError, match="not enough disk space"):
         registry.install(server.url("/big.zip"))
     assert installed_names(home) == []
+
+
+def test_pack_then_install_round_trip(home, tmp_path, model_folder):
+    for suffix in (".zip", ".tar.gz"):
+        archive = tmp_path / f"release{suffix}"
+        entry = registry.pack(model_folder, archive)
+        assert entry["sha256"] == sha(archive.read_bytes()) and entry["size"] == archive.stat().st_size
+        assert entry["name"] == "tiny-cxr" and entry["trained"] is True
+        rec = registry.install(archive, sha256=entry["sha256"], name=f"rt{len(suffix)}")
+        for f in MODEL_FILES:
+            assert (Path(rec["path"]) / f).read_bytes() == (model_folder / f).read_bytes()
+    with pytest.raises(CheckpointError, match=r"\.zip or \.tar\.gz"):
+        registry.pack(model_folder, tmp_path / "release.rar")
+
+
+def test_shipped_default_is_checked_at_load(tmp_path, monkeypatch, model_folder):
+    """How the lead ships the default: a folder under weights/ and a manifest entry with its SHA-256."""
+    import shutil
+    import warnings
+
+    import afloc_engine
+
+    weights = tmp_path / "weights"
+    shutil.copytree(model_folder, weights / "default")
+    monkeypatch.setattr(registry, "PACKAGE_WEIGHTS", weights)
+    monkeypatch.setattr(registry, "MANIFEST", weights / "manifest.json")
+    entry = registry.shipped_entry(weights / "default", name="default")
+    assert entry["path"] == "default" and entry["sha256"] == sha((model_folder / "model.safetensors").read_bytes())
+    (weights / "manifest.json").write_text(
+        json.dumps({"format": "afloc-models", "format_version": 1, "models": [entry]})
+    )
+    assert registry.resolve_model("default") == (weights / "default", entry["sha256"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = afloc_engine.load_model("default", "cpu")
+    assert not [w for w in caught if "UNTRAINED" in str(w.message)], "a trained shipped model loads without the warning"
+    assert model.info.trained and model.info.sha256 == entry["sha256"]
+    row = next(r for r in registry.list() if r["name"] == "default")
+    assert row["trained"] is True and row["installed"] and row["size"] == entry["size"]
+    with pytest.raises(CheckpointError, match="cannot be removed"):
+        registry.remove("default")
+    (weights / "default" / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(CheckpointError, match="SHA-256 mismatch"):
+        afloc_engine.load_model("default", "cpu")

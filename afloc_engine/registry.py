@@ -462,6 +462,67 @@ def remove(name: str) -> Path:
     return folder
 
 
+def pack(folder: str | Path, archive: str | Path) -> dict[str, Any]:
+    """Write a model folder as an installable archive (``.zip`` or ``.tar.gz`` by suffix), atomically.
+
+    Only ``config.json``, ``model.safetensors`` and ``MODEL_CARD.md`` go in, under one top folder
+    named after the archive. The folder is validated first. Returns a manifest entry for the
+    archive: ``name, version, url`` (to fill in), ``sha256, size, description``.
+    """
+    folder, archive = Path(folder), Path(archive)
+    info = _validate_model_folder(folder, folder)
+    lower = archive.name.lower()
+    if not lower.endswith((".zip", ".tar.gz", ".tgz")):
+        raise CheckpointError("archive name must end in .zip or .tar.gz", archive)
+    top = _name_from_source(archive.name) or "model"
+    files = [f for f in MODEL_FILES if (folder / f).is_file()]
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{archive.name}.", suffix=".tmp", dir=archive.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if lower.endswith(".zip"):
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+                for f in files:
+                    zf.write(folder / f, f"{top}/{f}")
+        else:
+            with tarfile.open(tmp, "w:gz") as tf:
+                for f in files:
+                    tf.add(folder / f, f"{top}/{f}", recursive=False)
+        os.replace(tmp, archive)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {
+        "name": info.name,
+        "version": info.version,
+        "url": "",
+        "sha256": _sha256(archive),
+        "size": archive.stat().st_size,
+        "description": info.description,
+        "trained": bool(info.trained),
+    }
+
+
+def shipped_entry(folder: str | Path, name: str | None = None, description: str | None = None) -> dict[str, Any]:
+    """A manifest entry for a model folder shipped under ``afloc_engine/weights/`` (``path`` relative to it)."""
+    folder = Path(folder).resolve()
+    info = _validate_model_folder(folder, folder)
+    try:
+        rel = folder.relative_to(PACKAGE_WEIGHTS.resolve())
+    except ValueError:
+        raise CheckpointError(f"a shipped model must live under {PACKAGE_WEIGHTS}", folder) from None
+    weights = folder / WEIGHTS_FILE
+    return {
+        "name": name or info.name,
+        "version": info.version,
+        "path": rel.as_posix(),
+        "sha256": _sha256(weights),
+        "size": weights.stat().st_size,
+        "description": description if description is not None else info.description,
+    }
+
+
 # --- downloads -----------------------------------------------------------------------------------
 def _is_url(text: str) -> bool:
     return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text))

@@ -1,4 +1,4 @@
-"""``afloc models list [--json] | install URL_OR_PATH [--sha256 H] [--name N] | remove NAME``."""
+"""``afloc models list [--json] | install URL_OR_PATH [--sha256 H] [--name N] | remove NAME | pack FOLDER ARCHIVE``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from afloc_engine.cli.common import add_progress_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Sub-actions ``list``, ``install`` and ``remove`` of ``afloc models``."""
+    """Sub-actions ``list``, ``install``, ``remove`` and ``pack`` of ``afloc models``."""
     actions = parser.add_subparsers(dest="models_action", metavar="ACTION")
     actions.required = True
     p_list = actions.add_parser("list", help="models shipped, installed and installable, with checksums")
@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_progress_argument(p_install)
     p_remove = actions.add_parser("remove", help="delete an installed model from the user cache")
     p_remove.add_argument("name", metavar="NAME")
+    p_pack = actions.add_parser("pack", help="write a model folder as an installable .zip/.tar.gz; print its entry")
+    p_pack.add_argument("folder", metavar="FOLDER")
+    p_pack.add_argument("archive", metavar="ARCHIVE")
 
 
 def _size(n: int) -> str:
@@ -82,5 +85,9 @@ def run(args: argparse.Namespace) -> int:
     if args.models_action == "remove":
         folder = registry.remove(args.name)
         print(f"removed: {args.name} ({folder})")
+        return 0
+    if args.models_action == "pack":
+        entry = registry.pack(args.folder, args.archive)
+        print(json.dumps(entry, indent=2))
         return 0
     raise AssertionError(args.models_action)  # pragma: no cover (argparse enforces the choices)
