@@ -189,19 +189,20 @@ def _resolve_findings(
     notes: list[str],
 ) -> tuple[list[str], dict[str, list[EvalPrompt]]]:
     if findings:
-        wanted = [finding_key(f) for f in findings]
+        wanted = {finding_key(f): f for f in reversed(findings)}  # key -> the name as given (first one wins)
+        wanted = {k: wanted[k] for k in dict.fromkeys(finding_key(f) for f in findings)}
     elif prompt_map:
-        wanted = list(prompt_map)
+        wanted = {k: k for k in prompt_map}
     else:
-        wanted = list(dataset.default_findings)
+        wanted = {k: k for k in dataset.default_findings}
     chosen: list[str] = []
     available = ", ".join(dataset.findings) or "none"
-    for f in dict.fromkeys(wanted):
+    for f, given in wanted.items():
         if f in dataset.findings:
             chosen.append(f)
         else:
             reason = f"unknown finding: no positive image of it in this dataset (available: {available})"
-            skipped.append(Skip(f, reason, f, None, "unknown finding"))
+            skipped.append(Skip(given, reason, f, None, "unknown finding"))
     prompts: dict[str, list[EvalPrompt]] = {}
     for f in chosen:
         if prompt_map and f in prompt_map:
