@@ -159,9 +159,15 @@ def describe(lesions: list[Lesion], rng: np.random.Generator) -> str:
         zone = {"mid": "mid", "upper": "upper", "lower": "lower"}[les.zone]
         if twin is not None:
             used.add(twin)
-            loc = str(rng.choice([f"in both {zone} zones", f"bilateral {zone} zone", f"in the {zone} zones bilaterally"]))
+            loc = str(
+                rng.choice([f"in both {zone} zones", f"bilateral {zone} zone", f"in the {zone} zones bilaterally"])
+            )
         else:
-            loc = str(rng.choice([f"in the {les.side} {zone} zone", f"in the {zone} {les.side} lung", f"{les.side} {zone} zone"]))
+            loc = str(
+                rng.choice(
+                    [f"in the {les.side} {zone} zone", f"in the {zone} {les.side} lung", f"{les.side} {zone} zone"]
+                )
+            )
         template = rng.integers(3)
         if template == 0:
             sentences.append(f"There is {phrase} {loc}.")
@@ -216,8 +222,14 @@ def _one(job: tuple[int, str, int, int, str]) -> dict:
     name = f"syn{index:06d}"
     Image.fromarray(image).save(Path(out) / "images" / f"{name}.png")
     Image.fromarray(mask.astype(np.uint8) * 255).save(Path(out) / "masks" / f"{name}.png")
-    return {"id": name, "image": f"images/{name}.png", "text": report, "patient_id": name, "split": "train",
-            "mask": f"masks/{name}.png"}
+    return {
+        "id": name,
+        "image": f"images/{name}.png",
+        "text": report,
+        "patient_id": name,
+        "split": "train",
+        "mask": f"masks/{name}.png",
+    }
 
 
 def generate(backgrounds: list[Path], n: int, out: Path, size: int = 256, seed: int = 0, workers: int = 0) -> Path:
