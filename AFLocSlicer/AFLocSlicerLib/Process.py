@@ -1,0 +1,318 @@
+"""The engine CLI in a background process, polled without ever blocking the GUI.
+
+``EngineProcess`` starts ``python -m afloc_engine <command> ... --progress json`` as a child
+process in its own process group; a reader thread moves its output lines into a queue and
+:meth:`EngineProcess.poll` (called by a ``QTimer`` in Slicer, or by :meth:`wait` in scripts and
+tests) parses the JSON lines the engine writes (``afloc_engine.progress``)::
+
+    {"event": "progress", "step": 3, "total": 10, "message": "...", "eta_s": 4.2, "loss": 0.31}
+    {"event": "done", ...}
+    {"event": "error", "message": "...", "path": "..."}
+
+Other lines (warnings, tracebacks) are kept as the log. :meth:`cancel` kills the whole process
+group (the engine and anything it started), so Cancel really stops the work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PENDING = "pending"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELLED = "cancelled"
+
+OUT_OF_MEMORY_MARKERS = ("out of memory", "outofmemoryerror", "cuda error: out of memory", "cublas_status_alloc_failed")
+KILL_GRACE_S = 3.0
+"""After Cancel, seconds between SIGTERM and SIGKILL of the process group."""
+
+
+@dataclass
+class Progress:
+    """The last progress report of a job: ``step`` of ``total`` steps, ``eta_s`` seconds left (None: unknown)."""
+
+    step: int = 0
+    total: int = 0
+    message: str = ""
+    eta_s: float | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fraction(self) -> float:
+        """Done fraction in [0, 1] (0 when the total is unknown)."""
+        return min(1.0, self.step / self.total) if self.total > 0 else 0.0
+
+
+def parse_line(line: str) -> dict[str, Any] | None:
+    """One output line -> the engine's JSON event dict, or None for a plain log line."""
+    text = line.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("event"), str) else None
+
+
+def engine_command(python: str, subcommand: str, arguments: Sequence[str]) -> list[str]:
+    """``[python, -m, afloc_engine, subcommand, *arguments, --progress, json]`` (the argv of a job)."""
+    args = [str(a) for a in arguments]
+    if "--progress" not in args:
+        args += ["--progress", "json"]
+    return [python, "-m", "afloc_engine", subcommand, *args]
+
+
+class EngineProcess:
+    """One engine CLI run in a child process: start, poll (non-blocking), cancel, wait.
+
+    ``onProgress(Progress)`` is called for every progress line and ``onLog(str)`` for every other
+    line, both from :meth:`poll` (so from the GUI thread when a QTimer drives it).
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        onProgress: Callable[[Progress], None] | None = None,
+        onLog: Callable[[str], None] | None = None,
+        popen: Callable[..., subprocess.Popen] = subprocess.Popen,
+    ) -> None:
+        self.argv = [str(a) for a in argv]
+        self.env = env
+        self.cwd = cwd
+        self.onProgress = onProgress
+        self.onLog = onLog
+        self._popen = popen
+        self.proc: subprocess.Popen | None = None
+        self.state = PENDING
+        self.returncode: int | None = None
+        self.progress = Progress()
+        self.doneEvent: dict[str, Any] | None = None
+        self.errorEvent: dict[str, Any] | None = None
+        self.logLines: deque[str] = deque(maxlen=200)
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader: threading.Thread | None = None
+        self._eof = False
+        self._cancelTime: float | None = None
+        self._killed = False
+        self.startTime: float | None = None
+        self.endTime: float | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Launch the child process and the thread that reads its output."""
+        if self.state != PENDING:
+            raise RuntimeError(f"process already {self.state}")
+        env = dict(os.environ if self.env is None else self.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("PYTHONIOENCODING", "utf-8")
+        kwargs: dict[str, Any] = dict(
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=self.cwd
+        )
+        if os.name == "posix":
+            kwargs["start_new_session"] = True  # own process group: cancel kills children too
+        else:  # pragma: no cover (Windows)
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        log.info("Starting: %s", subprocess.list2cmdline(self.argv))
+        self.startTime = time.monotonic()
+        try:
+            self.proc = self._popen(self.argv, **kwargs)
+        except OSError as err:
+            self.state = FAILED
+            self.endTime = time.monotonic()
+            self.errorEvent = {"event": "error", "message": f"cannot start {self.argv[0]}: {err}"}
+            return
+        self.state = RUNNING
+        self._reader = threading.Thread(target=self._readOutput, name="AFLocEngineOutput", daemon=True)
+        self._reader.start()
+
+    def _readOutput(self) -> None:
+        stream = self.proc.stdout
+        try:
+            for raw in iter(stream.readline, b""):
+                self._queue.put(raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw)
+        except (OSError, ValueError):  # stream closed under us by a kill
+            pass
+        finally:
+            self._queue.put(None)
+
+    def poll(self) -> bool:
+        """Handle the output that arrived since the last call; True while the job is still running."""
+        if self.state != RUNNING:
+            return False
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self._eof = True
+                break
+            self._handleLine(line)
+        if self._cancelTime is not None and not self._killed and time.monotonic() - self._cancelTime > KILL_GRACE_S:
+            self._signal(kill=True)
+        if self._eof and self.proc.poll() is not None:
+            self._finish()
+            return False
+        return True
+
+    def _handleLine(self, line: str) -> None:
+        event = parse_line(line)
+        if event is None:
+            text = line.rstrip("\r\n")
+            if text:
+                self.logLines.append(text)
+                if self.onLog:
+                    self.onLog(text)
+            return
+        kind = event["event"]
+        if kind == "progress":
+            known = {"event", "step", "total", "message", "eta_s"}
+            self.progress = Progress(
+                int(event.get("step") or 0),
+                int(event.get("total") or 0),
+                str(event.get("message") or ""),
+                event.get("eta_s"),
+                {k: v for k, v in event.items() if k not in known},
+            )
+            if self.onProgress:
+                self.onProgress(self.progress)
+        elif kind == "done":
+            self.doneEvent = event
+        elif kind == "error":
+            self.errorEvent = event
+            if self.onLog:
+                self.onLog(f"error: {event.get('message', '')}")
+        elif self.onLog:
+            self.onLog(json.dumps(event))
+
+    def _finish(self) -> None:
+        self.returncode = self.proc.returncode
+        self.endTime = time.monotonic()
+        if self._cancelTime is not None:
+            self.state = CANCELLED
+        elif self.returncode == 0:
+            self.state = SUCCEEDED
+        else:
+            self.state = FAILED
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+    def cancel(self) -> None:
+        """Stop the job: SIGTERM to its process group now, SIGKILL if it is still alive after a grace time."""
+        if self.state == PENDING:
+            self.state = CANCELLED
+            return
+        if self.state != RUNNING or self._cancelTime is not None:
+            return
+        self._cancelTime = time.monotonic()
+        self._signal(kill=False)
+
+    def _signal(self, kill: bool) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            if os.name == "posix":
+                os.killpg(os.getpgid(self.proc.pid), signal.SIGKILL if kill else signal.SIGTERM)
+            else:  # pragma: no cover (Windows: taskkill takes the whole tree)
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.proc.pid)], capture_output=True, check=False)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._killed = self._killed or kill
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> str:
+        """Poll until the job ends (for scripts and tests; the GUI uses a QTimer). Returns the final state.
+
+        On timeout the job is cancelled and killed, and :class:`TimeoutError` is raised.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll():
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                self._signal(kill=True)
+                while self.poll():
+                    time.sleep(interval)
+                raise TimeoutError(f"engine job did not finish within {timeout} s: {' '.join(self.argv[:5])} ...")
+            time.sleep(interval)
+        return self.state
+
+    # --- results -----------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.state == RUNNING
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since start (until the end once finished)."""
+        if self.startTime is None:
+            return 0.0
+        return (self.endTime or time.monotonic()) - self.startTime
+
+    @property
+    def outOfMemory(self) -> bool:
+        """True when the job failed because the GPU (or host) ran out of memory."""
+        text = " ".join([str((self.errorEvent or {}).get("message", "")), *list(self.logLines)[-30:]]).lower()
+        return self.state == FAILED and any(marker in text for marker in OUT_OF_MEMORY_MARKERS)
+
+    @property
+    def errorMessage(self) -> str:
+        """What went wrong, for a message box: the engine's own error line, else the end of its log."""
+        if self.state == CANCELLED:
+            return "cancelled"
+        if self.errorEvent:
+            message = str(self.errorEvent.get("message", "")).strip()
+            path = self.errorEvent.get("path")
+            return f"{path}: {message}" if path and str(path) not in message else message
+        lines = [ln for ln in self.logLines if ln.strip()]
+        for line in reversed(lines):  # the last exception line of a traceback says the most
+            if "Error" in line or "error:" in line:
+                return line.strip()
+        tail = "\n".join(lines[-5:])
+        return tail or f"the engine exited with code {self.returncode}"
+
+
+def defaultPython() -> str:
+    """The interpreter to run the engine with: Slicer's ``PythonSlicer`` inside Slicer, else this one."""
+    import shutil
+
+    try:
+        import slicer
+
+        if hasattr(slicer, "app"):
+            found = shutil.which("PythonSlicer")
+            if found:
+                return found
+    except ImportError:  # pragma: no cover
+        pass
+    return sys.executable
+
+
+def defaultEnvironment() -> dict[str, str]:
+    """Environment for the child: Slicer's startup environment inside Slicer (as launched), else ours."""
+    try:
+        import slicer
+
+        if hasattr(slicer, "app") and hasattr(slicer.util, "startupEnvironment"):
+            env = slicer.util.startupEnvironment()
+            if env:
+                return dict(env)
+    except (ImportError, AttributeError, RuntimeError):  # pragma: no cover
+        pass
+    return dict(os.environ)
