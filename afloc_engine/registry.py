@@ -373,8 +373,11 @@ def install(
         return {**cached, "cached": True}
 
     root = models_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".install-", suffix=".tmp", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".install-", suffix=".tmp", dir=root))
+    except OSError as err:
+        raise CheckpointError(f"cannot write to the model cache ({err.strerror}); set AFLOC_HOME", root) from None
     try:
         if _is_url(source):
             archive = staging / "download.part"
