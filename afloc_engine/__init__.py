@@ -19,6 +19,20 @@ def load_model(name_or_path: str = "default", device: str = "auto"):  # noqa: AN
     return _load_model(name_or_path, device)
 
 
+def finetune(model, examples, finding, **options):  # noqa: ANN001, ANN003, ANN201 (lazy import, see afloc_engine.finetune)
+    """Few-shot fine-tuning on (image, mask) pairs -> an Adapter; see :func:`afloc_engine.finetune.finetune`."""
+    from afloc_engine.finetune import finetune as _finetune
+
+    return _finetune(model, examples, finding, **options)
+
+
+def load_adapter(path, model=None):  # noqa: ANN001, ANN201 (lazy import, see afloc_engine.finetune)
+    """Read an adapter folder (checked against ``model`` when given); see :func:`afloc_engine.finetune.load_adapter`."""
+    from afloc_engine.finetune import load_adapter as _load_adapter
+
+    return _load_adapter(path, model)
+
+
 __all__ = [
     "AFLocConfig",
     "AFLocError",
@@ -27,6 +41,8 @@ __all__ = [
     "DataError",
     "ImageReadError",
     "PromptError",
+    "finetune",
+    "load_adapter",
     "load_model",
     "__version__",
 ]

@@ -144,6 +144,7 @@ class AFLoc:
         threshold: float | None = None,
         similarity: str | None = None,
         negative_prompts: list[str] | None = None,
+        adapter: object | None = None,
     ) -> LocalizationResult:
         """Heatmaps, masks and probabilities for ``prompts`` on one 2D image.
 
@@ -153,8 +154,10 @@ class AFLoc:
             threshold: mask threshold on the [-1, 1] heatmap (default: the model's, 0.3).
             similarity: ``cosine`` or ``dot`` (default: the model's).
             negative_prompts: negatives for the probabilities (default: "No {finding}").
+            adapter: a fine-tuned :class:`afloc_engine.finetune.Adapter` (or its folder): prompts naming
+                its finding get its corrected heatmaps; an adapter of another base model is refused.
         """
-        return self.localize_batch([image], prompts, threshold, similarity, negative_prompts)[0]
+        return self.localize_batch([image], prompts, threshold, similarity, negative_prompts, adapter)[0]
 
     def localize_batch(
         self,
@@ -163,8 +166,13 @@ class AFLoc:
         threshold: float | None = None,
         similarity: str | None = None,
         negative_prompts: list[str] | None = None,
+        adapter: object | None = None,
     ) -> list[LocalizationResult]:
         """:meth:`localize` for several 2D images in one network batch."""
+        if adapter is not None:
+            from afloc_engine.finetune import localize_with_adapter
+
+            return localize_with_adapter(self, adapter, images, prompts, threshold, similarity, negative_prompts)
         prompts = validate_prompts(prompts)
         negatives = validate_prompts(negative_prompts) if negative_prompts else [negative_prompt(p) for p in prompts]
         if len(negatives) != len(prompts):

@@ -1,0 +1,443 @@
+"""Adapters: a fine-tuned head saved beside (never inside) its base model, and inference with it.
+
+An adapter folder ``adapters/<finding>-<timestamp>/`` holds::
+
+    adapter.safetensors   head weights (and the tuned last encoder stage, if it was unfrozen)
+    adapter.json          format, findings, prompts, base model id, head config, training example ids, created
+    metrics.json          training history (loss, held-out Dice per epoch), timings
+
+It is written to a hidden temporary folder and renamed at the end, so a cancelled or crashed
+fine-tune leaves no adapter folder. An adapter refuses to run on another base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from afloc_engine.checkpoint import atomic_folder, commit_folder
+from afloc_engine.errors import CheckpointError, ConfigError, PromptError
+from afloc_engine.finetune.features import (
+    TunedStage,
+    correction_to_image,
+    image_channel,
+    image_maps_to_head,
+    tap_encoder,
+)
+from afloc_engine.finetune.head import AdapterHead, HeadConfig
+from afloc_engine.prompts import TEMPLATE, finding_of, negative_prompt, validate_prompts
+from afloc_engine.transforms import Letterbox
+
+if TYPE_CHECKING:
+    from afloc_engine.inference import AFLoc, ImageInput, LocalizationResult
+
+ADAPTER_FORMAT = "afloc-adapter"
+ADAPTER_FORMAT_VERSION = 1
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter.json"
+ADAPTER_METRICS = "metrics.json"
+
+
+def finding_slug(finding: str, max_len: int = 40) -> str:
+    """'Ground-glass opacity' -> 'ground_glass_opacity' (for folder names)."""
+    s = re.sub(r"[^a-z0-9]+", "_", finding.lower()).strip("_")
+    return (s or "finding")[:max_len]
+
+
+def default_prompt(finding: str) -> str:
+    """The prompt whose zero-shot heatmap the adapter starts from: 'Findings suggesting {finding}'."""
+    return TEMPLATE.format(finding=finding)
+
+
+@dataclass
+class AdapterConfig:
+    """Everything needed to rebuild and apply an adapter (saved in ``adapter.json``).
+
+    head_stride: the head works at R = image_size / head_stride on the canvas. logit_scale k:
+    training probability = sigmoid(k * (heatmap - threshold)), so ``heatmap > threshold`` is the mask.
+    """
+
+    findings: list[str]
+    prompts: list[str]
+    head: HeadConfig
+    image_size: int
+    threshold: float
+    similarity: str
+    head_stride: int = 2
+    logit_scale: float = 4.0
+    unfreeze_last_stage: bool = False
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def head_resolution(self) -> int:
+        """R, the side of the head's grid in pixels of the S x S canvas."""
+        return max(8, self.image_size // self.head_stride)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["head"] = self.head.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: Path | None = None) -> AdapterConfig:
+        try:
+            data = dict(data)
+            data["head"] = HeadConfig(**data["head"])
+            return cls(**data)
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"adapter config is invalid: {err}", source) from None
+
+
+class Adapter:
+    """A trained few-shot head for one or more findings of one base model.
+
+    Use with ``model.localize(image, prompts, adapter=adapter)``; prompts naming one of
+    ``adapter.findings`` (or equal to one of ``adapter.prompts``) get the adapted heatmap, others
+    the zero-shot one.
+    """
+
+    def __init__(
+        self,
+        config: AdapterConfig,
+        base_model_id: str,
+        head: AdapterHead | None = None,
+        stage: TunedStage | None = None,
+        example_ids: Sequence[str] = (),
+        heldout_ids: Sequence[str] = (),
+        created: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        path: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.base_model_id = base_model_id
+        self.head = (head or AdapterHead(config.head)).eval()
+        self.stage = stage.eval() if stage is not None else None
+        self.example_ids = list(example_ids)
+        self.heldout_ids = list(heldout_ids)
+        self.created = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.metrics = dict(metrics or {})
+        self.path = path
+
+    # --- identity ------------------------------------------------------------------------------
+    @property
+    def findings(self) -> list[str]:
+        return list(self.config.findings)
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self.config.prompts)
+
+    def __repr__(self) -> str:
+        return f"Adapter(findings={self.findings}, base={self.base_model_id!r}, examples={len(self.example_ids)})"
+
+    def check_base(self, model: AFLoc) -> None:
+        """Raise :class:`CheckpointError` unless ``model`` is the base model this adapter was trained on."""
+        if model.model_id != self.base_model_id:
+            raise CheckpointError(
+                f"adapter was trained on base model {self.base_model_id!r}, not on {model.model_id!r}; "
+                "fine-tune a new adapter for this model",
+                self.path,
+            )
+        if model.config.image_size != self.config.image_size or model.config.embed_dim != self.config.head.embed_dim:
+            raise CheckpointError("adapter does not fit this model's image size or embedding width", self.path)
+
+    def match(self, prompts: Sequence[str]) -> list[int | None]:
+        """For each prompt, the index of the adapter finding it names (by prompt text or finding), or None."""
+        by_prompt = {p.strip().lower(): i for i, p in enumerate(self.config.prompts)}
+        by_finding = {f.strip().lower(): i for i, f in enumerate(self.config.findings)}
+        out: list[int | None] = []
+        for p in prompts:
+            key = p.strip().lower()
+            idx = by_prompt.get(key)
+            if idx is None:
+                idx = by_finding.get(finding_of(p).strip().lower())
+            out.append(idx)
+        return out
+
+    def to(self, device: torch.device | str) -> Adapter:
+        self.head.to(device)
+        if self.stage is not None:
+            self.stage.to(device)
+        return self
+
+    # --- the head ------------------------------------------------------------------------------
+    def correction(
+        self,
+        shallow: torch.Tensor,
+        deep: torch.Tensor,
+        zero_shot: torch.Tensor,
+        image: torch.Tensor,
+        s8: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Heatmap correction (B, F, R, R) from encoder features and head-grid inputs (see :class:`AdapterHead`).
+
+        With a tuned last stage, ``s8`` (the frozen stride-8 map) replaces the base deep features.
+        """
+        if self.stage is not None:
+            if s8 is None:
+                raise ValueError("this adapter tunes the last encoder stage and needs the stride-8 features")
+            deep = self.stage(s8)
+        return self.head(shallow, deep, zero_shot, image)
+
+    # --- files ---------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Weights to save: ``head.*`` (and ``stage.*``), contiguous CPU float32."""
+        state = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        if self.stage is not None:
+            state.update({f"stage.{k}": v for k, v in self.stage.state_dict().items()})
+        return {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+    def describe(self) -> dict[str, Any]:
+        """The content of ``adapter.json``."""
+        from afloc_engine import __version__
+
+        return {
+            "format": ADAPTER_FORMAT,
+            "format_version": ADAPTER_FORMAT_VERSION,
+            "finding": self.config.findings[0] if len(self.config.findings) == 1 else self.config.findings,
+            "findings": self.config.findings,
+            "prompts": self.config.prompts,
+            "base_model_id": self.base_model_id,
+            "training_examples": self.example_ids,
+            "heldout_examples": self.heldout_ids,
+            "created": self.created,
+            "engine_version": __version__,
+            "config": self.config.to_dict(),
+        }
+
+    def folder_name(self) -> str:
+        stamp = datetime.fromisoformat(self.created).strftime("%Y%m%d-%H%M%S")
+        return "+".join(finding_slug(f) for f in self.config.findings) + f"-{stamp}"
+
+    def save(self, root: str | Path = "adapters", name: str | None = None) -> Path:
+        """Write ``root/<finding>-<timestamp>/`` atomically (temp folder renamed at the end). Returns it."""
+        from safetensors.torch import save_file
+
+        root = Path(root)
+        base = name or self.folder_name()
+        final, n = root / base, 1
+        while final.exists():
+            n += 1
+            final = root / f"{base}_{n}"
+        tmp = atomic_folder(final)
+        try:
+            save_file(self.tensors(), str(tmp / ADAPTER_WEIGHTS))
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(self.describe(), indent=2) + "\n")
+            (tmp / ADAPTER_METRICS).write_text(json.dumps(self.metrics, indent=2, default=float) + "\n")
+            for f in tmp.iterdir():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+            commit_folder(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.path = final
+        return final
+
+
+def create_adapter(
+    model: AFLoc, findings: str | Sequence[str], prompts: Sequence[str] | None = None, **head: Any
+) -> Adapter:  # noqa: ANN401
+    """An untrained adapter (zero correction): its heatmaps equal the zero-shot ones exactly.
+
+    findings: one name or several; prompts: the zero-shot prompt per finding (default
+    'Findings suggesting {finding}'); ``head``: :class:`HeadConfig` fields (width, ...).
+    """
+    findings = [findings] if isinstance(findings, str) else list(findings)
+    findings = [f.strip() for f in findings]
+    if not findings or any(not f for f in findings):
+        raise PromptError("give at least one non-empty finding name")
+    if len({f.lower() for f in findings}) != len(findings):
+        raise PromptError(f"findings are repeated: {findings}")
+    prompts = validate_prompts(list(prompts)) if prompts else [default_prompt(f) for f in findings]
+    if len(prompts) != len(findings):
+        raise PromptError(f"give one prompt per finding ({len(findings)} findings, {len(prompts)} prompts)")
+    c = model.config
+    config = AdapterConfig(
+        findings=findings,
+        prompts=prompts,
+        head=HeadConfig(embed_dim=c.embed_dim, n_findings=len(findings), **head),
+        image_size=c.image_size,
+        threshold=c.threshold,
+        similarity=c.similarity,
+    )
+    return Adapter(config, model.model_id)
+
+
+def load_adapter(path: str | Path, model: AFLoc | None = None) -> Adapter:
+    """Read an adapter folder (``adapter.json`` + ``adapter.safetensors``); with ``model``, check it is the base.
+
+    Raises :class:`CheckpointError` naming the file for a missing, corrupt or foreign adapter.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    cfg_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not folder.is_dir():
+        raise CheckpointError("adapter folder not found", folder)
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise CheckpointError(f"no {p.name} in the adapter folder", folder)
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"adapter config is not valid JSON: {err}", cfg_path) from None
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+        raise CheckpointError(f'not an AFLoc adapter (expected "format": "{ADAPTER_FORMAT}")', cfg_path)
+    if int(meta.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
+        raise CheckpointError(f"written by a newer afloc_engine (format {meta['format_version']})", cfg_path)
+    config = AdapterConfig.from_dict(meta.get("config", {}), cfg_path)
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"corrupt adapter weights: {err}", weights_path) from None
+    head = AdapterHead(config.head)
+    stage = None
+    if config.unfreeze_last_stage:
+        if model is None:
+            raise _stage_error(folder)
+        stage = TunedStage.from_encoder(model.model.image_encoder)
+    _load_module(head, state, "head.", weights_path)
+    if stage is not None:
+        _load_module(stage, state, "stage.", weights_path)
+    metrics = {}
+    if (folder / ADAPTER_METRICS).is_file():
+        try:
+            metrics = json.loads((folder / ADAPTER_METRICS).read_text())
+        except (OSError, json.JSONDecodeError):
+            metrics = {}
+    adapter = Adapter(
+        config,
+        str(meta.get("base_model_id", "")),
+        head,
+        stage,
+        meta.get("training_examples", []),
+        meta.get("heldout_examples", []),
+        meta.get("created"),
+        metrics,
+        folder,
+    )
+    if model is not None:
+        adapter.check_base(model)
+        adapter.to(model.device)
+    return adapter
+
+
+def _stage_error(folder: Path) -> CheckpointError:
+    return CheckpointError(
+        "this adapter tunes the encoder's last stage: load it with its base model, load_adapter(path, model)", folder
+    )
+
+
+def _load_module(module: torch.nn.Module, state: dict[str, torch.Tensor], prefix: str, source: Path) -> None:
+    own = {k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+    mine = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = sorted(set(own) - set(mine)), sorted(set(mine) - set(own))
+    if missing or unexpected:
+        what = f"missing {prefix}{missing[0]}" if missing else f"unexpected {prefix}{unexpected[0]}"
+        raise CheckpointError(f"adapter weights do not match its config ({what})", source)
+    for k, v in mine.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(
+                f"adapter weight {prefix}{k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}", source
+            )
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in mine.items()}, strict=False)
+
+
+# --- inference ---------------------------------------------------------------------------------
+def localize_with_adapter(
+    model: AFLoc,
+    adapter: Adapter | str | Path,
+    images: list[ImageInput],
+    prompts: list[str] | str,
+    threshold: float | None = None,
+    similarity: str | None = None,
+    negative_prompts: list[str] | None = None,
+) -> list[LocalizationResult]:
+    """:meth:`AFLoc.localize_batch` with an adapter: the adapter's findings get corrected heatmaps.
+
+    The zero-shot heatmaps come from the unchanged base path (one encoder pass, whose features the
+    head reuses); heatmap = clip(zero-shot + correction, -1, 1); masks = heatmap > threshold.
+    Probabilities are the zero-shot ones. Raises :class:`CheckpointError` for another base model,
+    :class:`PromptError` when no prompt names one of the adapter's findings.
+    """
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter, model)
+    adapter.check_base(model)
+    prompts = validate_prompts(prompts)
+    matches = adapter.match(prompts)
+    if all(m is None for m in matches):
+        raise PromptError(
+            f"no prompt names the adapter's finding(s) {adapter.findings}; use e.g. {adapter.prompts[0]!r}",
+            adapter.path,
+        )
+    if similarity is not None and similarity != adapter.config.similarity:
+        raise ConfigError(f"this adapter was trained on {adapter.config.similarity} similarity maps, not {similarity}")
+    used = sorted({m for m in matches if m is not None})
+    extra = [adapter.prompts[j] for j in used if adapter.prompts[j] not in prompts]
+    all_prompts = prompts + extra
+    all_negatives = None
+    if negative_prompts:
+        all_negatives = validate_prompts(negative_prompts) + [negative_prompt(p) for p in extra]
+    adapter.to(model.device)
+    want_s8 = adapter.stage is not None
+    with tap_encoder(model.model.image_encoder, want_s8) as tap:
+        base = model.localize_batch(images, all_prompts, threshold, adapter.config.similarity, all_negatives)
+    if tap.features is None or tap.inputs is None or tap.inputs.shape[0] != len(base) or (want_s8 and tap.s8 is None):
+        # the base path did not go through the encoder's __call__: encode again
+        batch = torch.stack([model.prepare(r.image)[0] for r in base]).to(model.device)
+        with torch.inference_mode(), tap_encoder(model.model.image_encoder, want_s8) as tap:
+            model.model.image_encoder(batch)
+    res = adapter.config.head_resolution
+    zs_index = [all_prompts.index(adapter.prompts[j]) if j in used else None for j in range(len(adapter.findings))]
+    out = []
+    with torch.inference_mode():
+        head_image = image_channel(tap.inputs, res)
+        for i, r in enumerate(base):
+            h, w = r.heatmaps.shape[-2:]
+            box = Letterbox.fit(h, w, model.config.image_size)
+            zs = torch.zeros(len(adapter.findings), h, w, device=model.device)
+            for j, k in enumerate(zs_index):
+                if k is not None:
+                    zs[j] = torch.from_numpy(r.heatmaps[k]).to(model.device)
+            zs_head = image_maps_to_head(zs, box, res)[None]
+            s8 = tap.s8[i : i + 1] if want_s8 else None
+            delta = adapter.correction(
+                tap.features.shallow[i : i + 1].float(),
+                tap.features.deep[i : i + 1].float(),
+                zs_head,
+                head_image[i : i + 1],
+                s8,
+            )[0]
+            heat = r.heatmaps[: len(prompts)].copy()
+            for p, j in enumerate(matches):
+                if j is None:
+                    continue
+                k = zs_index[j]
+                refined = (
+                    torch.from_numpy(r.heatmaps[k]).to(delta.device) + correction_to_image(delta[j : j + 1], box)[0]
+                )
+                heat[p] = refined.clamp(-1.0, 1.0).cpu().numpy().astype(np.float32)
+            out.append(
+                dataclasses.replace(
+                    r,
+                    prompts=list(prompts),
+                    heatmaps=heat,
+                    masks=heat > r.threshold,
+                    probabilities=r.probabilities[: len(prompts)],
+                    negative_prompts=r.negative_prompts[: len(prompts)],
+                )
+            )
+    return out

@@ -1,0 +1,454 @@
+"""``finetune``: from a handful of (image, mask) pairs to an :class:`Adapter`, on cached frozen features.
+
+1. Every example (and a few augmented views of it: small affine, intensity) goes once through the
+   frozen encoder, exactly as inference prepares it; the shallow and deep features, the zero-shot
+   heatmaps of the findings and the masks are cached on the head grid.
+2. The head (zero-initialised output, so it starts as the zero-shot model) is trained on the cache
+   with Dice + focal loss (MONAI) and a small random shift/scale in feature space per step.
+3. With >= 4 examples one is held out: its Dice picks the best epoch and stops training early.
+
+The base model is never modified: its parameters are not optimised (an unfrozen last stage is a copy).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from afloc_engine.errors import DataError
+from afloc_engine.finetune.adapter import Adapter, create_adapter
+from afloc_engine.finetune.data import AugmentConfig, Example, augment_view, downscale_for_views, parse_examples
+from afloc_engine.finetune.features import (
+    TunedStage,
+    encode,
+    image_channel,
+    image_maps_to_head,
+    valid_on_head,
+)
+from afloc_engine.heatmap import grid_to_image, similarity_maps
+from afloc_engine.transforms import Letterbox, normalize_intensity, prepare_image
+
+if TYPE_CHECKING:
+    from afloc_engine.inference import AFLoc
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+class FinetuneCancelled(Exception):
+    """Raised when ``should_stop()`` returns True; nothing has been written."""
+
+
+@dataclass
+class _Views:
+    """Cached head inputs of N views (all tensors on the training device)."""
+
+    shallow: torch.Tensor  # (N, D, g8, g8)
+    deep: torch.Tensor  # (N, D, g16, g16) base deep features, or (N, C8, g8, g8) stride-8 maps when tuning
+    zero_shot: torch.Tensor  # (N, F, R, R) zero-shot heatmaps in [-1, 1]
+    image: torch.Tensor  # (N, 1, R, R)
+    target: torch.Tensor  # (N, F, R, R) in [0, 1]
+    valid: torch.Tensor  # (N, 1, R, R) in [0, 1]
+    present: torch.Tensor  # (N, F) 1 where the finding has a mask
+
+    def __len__(self) -> int:
+        return self.shallow.shape[0]
+
+    def take(self, idx: torch.Tensor) -> _Views:
+        return _Views(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+
+def _auto_views(n_train: int) -> int:
+    """Views per example (original + augmented) so that about 16 images are encoded, 1 to 8 each."""
+    return int(min(8, max(1, math.ceil(16 / max(1, n_train)))))
+
+
+def _auto_epochs(n_views: int, batch_size: int, target_steps: int = 200) -> int:
+    steps_per_epoch = math.ceil(n_views / batch_size)
+    return int(min(300, max(15, round(target_steps / steps_per_epoch))))
+
+
+def _pick_heldout(examples: list[Example], findings: list[str], rng: np.random.Generator) -> int | None:
+    """Index of the example to hold out (>= 4 examples), keeping every finding in the training set."""
+    if len(examples) < 4:
+        return None
+    for idx in rng.permutation(len(examples)):
+        rest = [ex for i, ex in enumerate(examples) if i != idx]
+        if all(any(f in ex.masks for ex in rest) for f in findings):
+            return int(idx)
+    return None
+
+
+def _mask_stack(example: Example, findings: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, H, W) float masks (zeros for findings without a mask) and (F,) presence."""
+    h, w = example.image.array.shape
+    masks = torch.zeros(len(findings), h, w)
+    present = torch.zeros(len(findings))
+    for j, f in enumerate(findings):
+        if f in example.masks:
+            masks[j] = torch.from_numpy(example.masks[f].astype(np.float32))
+            present[j] = 1.0
+    return masks, present
+
+
+def _make_views(
+    model: AFLoc,
+    examples: list[Example],
+    findings: list[str],
+    n_views: int,
+    rng: np.random.Generator,
+    aug: AugmentConfig,
+) -> list[tuple[torch.Tensor, Letterbox, torch.Tensor, torch.Tensor]]:
+    """(network input (C, S, S), letterbox, masks (F, H', W'), presence (F,)) per view.
+
+    View 0 of each example is the image exactly as inference prepares it; the others are augmented
+    copies (shrunk to at most 2 S px first, so augmenting a large DICOM stays cheap).
+    """
+    c = model.config
+    out = []
+    for ex in examples:
+        masks, present = _mask_stack(ex, findings)
+        x, box = model.prepare(ex.image)
+        out.append((x, box, masks, present))
+        if n_views > 1:
+            img01 = torch.from_numpy(normalize_intensity(ex.image.array, ex.image.window))
+            small_img, small_masks = downscale_for_views(img01, masks, 2 * c.image_size)
+            for _ in range(n_views - 1):
+                a_img, a_masks = augment_view(small_img, small_masks, rng, aug)
+                xa, boxa = prepare_image(
+                    a_img.numpy(), c.image_size, (0.0, 1.0), c.intensity_mean, c.intensity_std, c.in_channels
+                )
+                out.append((xa, boxa, a_masks, present))
+    return out
+
+
+def _encode_views(
+    model: AFLoc,
+    views: list[tuple[torch.Tensor, Letterbox, torch.Tensor, torch.Tensor]],
+    prompt_emb: torch.Tensor,
+    resolution: int,
+    want_s8: bool,
+    chunk: int,
+    on_chunk: Callable[[int], None],
+) -> _Views:
+    """Run the frozen encoder over the views and cache the head inputs (see :class:`_Views`)."""
+    dev = model.device
+    c = model.config
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in _Views.__dataclass_fields__}
+    for start in range(0, len(views), chunk):
+        part = views[start : start + chunk]
+        batch = torch.stack([v[0] for v in part]).to(dev)
+        tap = encode(model.model.image_encoder, batch, want_s8)
+        feats = tap.features
+        with torch.no_grad():
+            grids = similarity_maps(feats.deep.float(), prompt_emb, c.similarity)
+            for i, (_, box, masks, present) in enumerate(part):
+                zs = grid_to_image(grids[i], box, c.smoothing_sigma)
+                parts["zero_shot"].append(image_maps_to_head(zs, box, resolution))
+                parts["target"].append(image_maps_to_head(masks.to(dev), box, resolution).clamp(0, 1))
+                parts["valid"].append(valid_on_head(box, resolution, dev)[None])
+                parts["present"].append(present.to(dev))
+            parts["shallow"].append(feats.shallow.float())
+            parts["deep"].append((tap.s8 if want_s8 else feats.deep).float())
+            parts["image"].append(image_channel(batch, resolution))
+        on_chunk(len(part))
+    stacked = {k: torch.cat(v) if k in ("shallow", "deep", "image") else torch.stack(v) for k, v in parts.items()}
+    return _Views(**{k: t.detach().clone() for k, t in stacked.items()})
+
+
+def _shift_scale(batch: _Views, rng: np.random.Generator, aug: AugmentConfig) -> _Views:
+    """Feature-space augmentation: one random translation + scale per sample, applied to every cached map."""
+    n = len(batch)
+    if n == 0 or (aug.feature_shift <= 0 and aug.feature_scale <= 0):
+        return batch
+    scale = np.exp(rng.uniform(-aug.feature_scale, aug.feature_scale, size=n))
+    shift = rng.uniform(-aug.feature_shift, aug.feature_shift, size=(n, 2)) * 2
+    theta = np.zeros((n, 2, 3), dtype=np.float32)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+    theta[:, :, 2] = shift
+    theta_t = torch.from_numpy(theta).to(batch.shallow.device)
+
+    def warp(x: torch.Tensor, padding: str) -> torch.Tensor:
+        grid = F.affine_grid(theta_t, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+
+    return _Views(
+        warp(batch.shallow, "border"),
+        warp(batch.deep, "border"),
+        warp(batch.zero_shot, "zeros"),
+        warp(batch.image, "border"),
+        warp(batch.target, "zeros"),
+        warp(batch.valid, "zeros"),
+        batch.present,
+    )
+
+
+class _Objective:
+    """Dice + focal loss (MONAI) on sigmoid(k (heatmap - t)), ignoring letterbox padding and absent masks."""
+
+    def __init__(self, logit_scale: float, threshold: float, focal_weight: float) -> None:
+        from monai.losses import DiceLoss, FocalLoss
+
+        self.k, self.t, self.focal_weight = logit_scale, threshold, focal_weight
+        self.dice = DiceLoss(sigmoid=False, reduction="none", smooth_nr=1e-4, smooth_dr=1e-4)
+        self.focal = FocalLoss(use_softmax=False, gamma=2.0, reduction="none")
+
+    def logits(self, heat: torch.Tensor) -> torch.Tensor:
+        return self.k * (heat - self.t)
+
+    def __call__(
+        self, heat: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, present: torch.Tensor
+    ) -> torch.Tensor:
+        logits = self.logits(heat)
+        prob = torch.sigmoid(logits) * valid
+        dice = self.dice(prob, target * valid).flatten(1)  # (B, F)
+        focal = self.focal(logits, target)  # (B, F, R, R)
+        focal = (focal * valid).flatten(2).sum(-1) / valid.flatten(2).sum(-1).clamp(min=1)
+        per = dice + self.focal_weight * focal
+        return (per * present).sum() / present.sum().clamp(min=1)
+
+
+def _dice(heat: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, present: torch.Tensor, t: float) -> float:
+    """Mean Dice of (heat > t) against (target > 0.5) over present (view, finding) pairs, on the head grid."""
+    inside = valid > 0.5
+    pred = (heat > t) & inside
+    truth = (target > 0.5) & inside
+    inter = (pred & truth).flatten(2).sum(-1).float()
+    total = (pred.flatten(2).sum(-1) + truth.flatten(2).sum(-1)).float()
+    d = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+    return float((d * present).sum() / present.sum().clamp(min=1))
+
+
+def finetune(
+    model: AFLoc,
+    examples: Sequence[Any],
+    finding: str | Sequence[str],
+    *,
+    prompts: Sequence[str] | None = None,
+    epochs: int | None = None,
+    views: int | None = None,
+    batch_size: int = 8,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-4,
+    focal_weight: float = 1.0,
+    logit_scale: float = 4.0,
+    head_stride: int = 2,
+    width: int = 32,
+    unfreeze_last_stage: bool = False,
+    stage_lr: float = 1e-4,
+    patience: int | None = None,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Adapter:
+    """Fine-tune a segmentation head for ``finding`` on a few (image, mask) pairs; returns an :class:`Adapter`.
+
+    Args:
+        model: a loaded :class:`~afloc_engine.inference.AFLoc` (never modified).
+        examples: 1 to ~50 items ``(image, mask)`` / ``(image, mask, id)`` / dicts (see
+            :func:`~afloc_engine.finetune.data.parse_examples`); images: paths, (H, W) arrays or
+            ImageData of any sizes; masks: binary, the size of their own image.
+        finding: a finding name ("ground glass opacity") or several (then masks are dicts).
+        prompts: the zero-shot prompt per finding (default "Findings suggesting {finding}").
+        epochs: passes over the cached views (default: about 200 optimiser steps, 15 to 300 epochs).
+        views: encoded views per training example, original included (default: ~16 images in all).
+        unfreeze_last_stage: also tune a copy of the encoder's last local stage (ResNet only; slower).
+        patience: epochs without held-out improvement before stopping (>= 4 examples; default 25%).
+        seed: seeds initialisation, augmentation, the held-out pick and the batch order.
+        out_dir: if given, the adapter is saved to ``out_dir/<finding>-<timestamp>/``.
+        progress: called with dicts ``{"phase": "encode"|"train", "step", "total", "epoch", "loss",
+            "heldout_dice", ...}``.
+        should_stop: polled every step; True raises :class:`FinetuneCancelled` (nothing written).
+
+    Raises:
+        DataError / ImageReadError: no examples, unreadable files, masks empty, all foreground,
+            not binary or not the size of their image (named in the message). Nothing is written.
+    """
+    started = time.monotonic()
+    findings = [finding] if isinstance(finding, str) else list(finding)
+    findings = [f.strip() for f in findings]
+    parsed = parse_examples(examples, findings)
+    if epochs is not None and epochs < 0:
+        raise DataError(f"epochs must be >= 0, not {epochs}")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, not {batch_size}")
+    aug = augment or AugmentConfig()
+    rng = np.random.default_rng(seed)
+    emit = progress or (lambda _event: None)
+    dev = model.device
+    want_s8 = unfreeze_last_stage
+
+    devices = [dev] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        adapter = create_adapter(model, findings, prompts, width=width, fine_width=max(8, width // 2))
+        adapter.config.head_stride = head_stride
+        adapter.config.logit_scale = logit_scale
+        adapter.config.unfreeze_last_stage = unfreeze_last_stage
+        stage = TunedStage.from_encoder(model.model.image_encoder).to(dev) if unfreeze_last_stage else None
+        head = adapter.head.to(dev)
+        res = adapter.config.head_resolution
+
+        held = _pick_heldout(parsed, findings, rng)
+        train_ex = [ex for i, ex in enumerate(parsed) if i != held]
+        held_ex = [parsed[held]] if held is not None else []
+        n_views = views or _auto_views(len(train_ex))
+        view_list = _make_views(model, train_ex, findings, n_views, rng, aug)
+        held_list = _make_views(model, held_ex, findings, 1, rng, aug)
+        n_views_total = len(view_list) + len(held_list)
+        n_epochs = _auto_epochs(len(view_list), batch_size) if epochs is None else int(epochs)
+        total = n_views_total + n_epochs
+        done_steps = 0
+
+        def on_chunk(n: int) -> None:
+            nonlocal done_steps
+            done_steps += n
+            emit({"phase": "encode", "step": done_steps, "total": total})
+            if should_stop is not None and should_stop():
+                raise FinetuneCancelled("fine-tuning cancelled")
+
+        prompt_emb = model.embed_prompts(adapter.prompts).clone().float()
+        t_encode = time.monotonic()
+        cache = _encode_views(model, view_list, prompt_emb, res, want_s8, batch_size, on_chunk)
+        held_cache = (
+            _encode_views(model, held_list, prompt_emb, res, want_s8, batch_size, on_chunk) if held_list else None
+        )
+        encode_s = time.monotonic() - t_encode
+
+        objective = _Objective(logit_scale, adapter.config.threshold, focal_weight)
+        params = [{"params": list(head.parameters()), "lr": lr}]
+        if stage is not None:
+            params.append({"params": list(stage.parameters()), "lr": stage_lr})
+        optimiser = torch.optim.AdamW(params, weight_decay=weight_decay)
+        steps_per_epoch = math.ceil(len(cache) / batch_size)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, n_epochs * steps_per_epoch))))
+        )
+        generator = torch.Generator().manual_seed(seed)
+
+        def run_head(v: _Views) -> torch.Tensor:
+            deep = stage(v.deep) if stage is not None else v.deep
+            return v.zero_shot + head(v.shallow, deep, v.zero_shot, v.image)
+
+        def evaluate(v: _Views) -> tuple[float, float]:
+            head.eval()
+            if stage is not None:
+                stage.eval()
+            with torch.no_grad():
+                heat = run_head(v)
+                loss = float(objective(heat, v.target, v.valid, v.present))
+                dice = _dice(heat, v.target, v.valid, v.present, adapter.config.threshold)
+            return loss, dice
+
+        originals = torch.tensor([i * n_views for i in range(len(train_ex))])
+        zs_train_dice = _dice(
+            cache.zero_shot[originals],
+            cache.target[originals],
+            cache.valid[originals],
+            cache.present[originals],
+            adapter.config.threshold,
+        )
+        zs_held = evaluate(held_cache) if held_cache is not None else None
+        history: list[dict[str, float]] = []
+        best = (-1.0, math.inf)
+        best_state: dict[str, Any] | None = None
+        best_epoch = 0
+        wait = 0
+        patience_epochs = patience if patience is not None else max(10, n_epochs // 4)
+        t_train = time.monotonic()
+        stopped_early = False
+        for epoch in range(1, n_epochs + 1):
+            head.train()
+            if stage is not None:
+                stage.train()
+            order = torch.randperm(len(cache), generator=generator)
+            losses = []
+            for start in range(0, len(order), batch_size):
+                if should_stop is not None and should_stop():
+                    raise FinetuneCancelled("fine-tuning cancelled")
+                batch = _shift_scale(cache.take(order[start : start + batch_size]), rng, aug)
+                loss = objective(run_head(batch), batch.target, batch.valid, batch.present)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                losses.append(float(loss.detach()))
+            record = {"epoch": epoch, "loss": float(np.mean(losses))}
+            if held_cache is not None:
+                held_loss, held_dice = evaluate(held_cache)
+                record.update(heldout_loss=held_loss, heldout_dice=held_dice)
+                if (held_dice, -held_loss) > (best[0], -best[1]):
+                    best, best_epoch, wait = (held_dice, held_loss), epoch, 0
+                    best_state = {
+                        "head": copy.deepcopy(head.state_dict()),
+                        "stage": copy.deepcopy(stage.state_dict()) if stage is not None else None,
+                    }
+                else:
+                    wait += 1
+            history.append(record)
+            done_steps += 1
+            emit({"phase": "train", "step": done_steps, "total": total, "epochs": n_epochs, **record})
+            if held_cache is not None and wait >= patience_epochs:
+                stopped_early = True
+                break
+        train_s = time.monotonic() - t_train
+        if best_state is not None:
+            head.load_state_dict(best_state["head"])
+            if stage is not None:
+                stage.load_state_dict(best_state["stage"])
+        head.eval()
+        final_train = evaluate(cache.take(originals))
+
+    adapter.head = head
+    adapter.stage = stage.eval() if stage is not None else None
+    adapter.example_ids = [ex.id for ex in train_ex]
+    adapter.heldout_ids = [ex.id for ex in held_ex]
+    adapter.config.training = {
+        "epochs": n_epochs,
+        "views_per_example": n_views,
+        "batch_size": batch_size,
+        "lr": lr,
+        "stage_lr": stage_lr if unfreeze_last_stage else None,
+        "weight_decay": weight_decay,
+        "focal_weight": focal_weight,
+        "patience": patience_epochs if held_cache is not None else None,
+        "seed": seed,
+        "augment": aug.to_dict(),
+    }
+    adapter.metrics = {
+        "n_examples": len(parsed),
+        "n_train_examples": len(train_ex),
+        "n_cached_views": n_views_total,
+        "epochs_run": len(history),
+        "best_epoch": best_epoch if held_cache is not None else len(history),
+        "stopped_early": stopped_early,
+        "train_dice_zero_shot": zs_train_dice,
+        "train_dice": final_train[1],
+        "heldout_dice_zero_shot": zs_held[1] if zs_held else None,
+        "heldout_dice": best[0] if held_cache is not None and best_state is not None else None,
+        "dice_note": "Dice of heatmap > threshold on the head grid (canvas / head_stride), letterbox padding excluded",
+        "history": history,
+        "seconds": {
+            "encode": round(encode_s, 3),
+            "train": round(train_s, 3),
+            "total": round(time.monotonic() - started, 3),
+        },
+        "device": str(dev),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if out_dir is not None:
+        adapter.save(out_dir)
+    return adapter
