@@ -110,6 +110,18 @@ def test_covid_reader_positives_negatives_and_skips(covid):
         read_covid(covid, "test")
 
 
+def test_covid_without_has_masks_column_has_no_negatives(covid):
+    with (covid / "pairs.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with (covid / "pairs.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=[k for k in rows[0] if k != "has_masks"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    ds = read_covid(covid, "dev")
+    assert ds.counts()["consolidation"] == {"positive": 1, "negative": 0}
+    assert not ds.labels_complete and "no has_masks column" in ds.notes[0]
+
+
 def test_covid_reader_missing_files(covid):
     (covid / "images" / "img_b.png").unlink()
     (covid / "masks" / "img_a__consolidation.png").unlink()

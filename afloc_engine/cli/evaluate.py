@@ -102,14 +102,14 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         dataset = dataset.subset(max(0, args.limit))
     prompts = load_prompt_file(args.prompts) if args.prompts else None
-    models = {}
+    models = []
     for spec in args.model:
         try:
             afloc = afloc_engine.load_model(spec, args.device)
         except ValueError as err:
             raise AFLocError(str(err)) from None
         name = Path(spec).name if Path(spec).is_dir() else spec
-        models[name] = ModelPredictor(afloc, name, args.batch_size, similarity=args.similarity)
+        models.append(ModelPredictor(afloc, name, args.batch_size, similarity=args.similarity))
     try:
         result = evaluate_localization(
             models,

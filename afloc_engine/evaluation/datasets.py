@@ -9,7 +9,8 @@ Which images are negatives (for AUROC):
 
 - covid-cxr: an image whose masks the dataset declares complete (``has_masks == 1`` in
   ``pairs.csv``) is negative for every finding it has no mask of; an image with
-  ``has_masks == 0`` is neither positive nor negative for a finding it has no mask of.
+  ``has_masks == 0`` (or no ``has_masks`` column) is neither positive nor negative for a
+  finding it has no mask of. A mask listed with 0 pixels makes the image neither for that finding.
 - RSNA ``stage_2_train_labels``: rows with ``Target == 0`` are negatives for ``pneumonia``.
 - NIH ``BBox_List_2017``: boxes were drawn for some findings of some images only, so no image is
   a negative; no AUROC is computed.
@@ -242,7 +243,7 @@ def read_covid(root: str | Path, split: str | None = None) -> EvalDataset:
             skipped.append(Skip(image_id, "image file not found", path=str(path), category="image file not found"))
             continue
         samples[image_id] = Sample(image_id, path)
-        complete[image_id] = r.get("has_masks", "1") not in ("0", "", "false", "False")
+        complete[image_id] = r.get("has_masks", "").strip().lower() in ("1", "true", "yes")
     listed = {r["image_id"] for r in pairs}
     for r in masks:
         image_id, finding = r["image_id"], finding_key(r["class"])
@@ -299,6 +300,8 @@ def read_covid(root: str | Path, split: str | None = None) -> EvalDataset:
         skipped=skipped,
         notes=[
             "negatives: images with has_masks = 1 and no mask of the finding; has_masks = 0 images are not negatives"
+            if pairs and "has_masks" in pairs[0]
+            else "pairs.csv has no has_masks column: masks are not known to be complete, so no negatives (no AUROC)"
         ],
     )
 
