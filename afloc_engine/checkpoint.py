@@ -206,7 +206,10 @@ def load_model_folder(
     folder = Path(folder)
     config, info = read_config(folder)
     state, digest = load_weights(folder, expected_sha256)
-    model = AFLocModel(config, text_model_dir)
+    # every weight comes from the file: skip fetching ImageNet weights for the backbone's init
+    model = AFLocModel(config.replace(pretrained_backbone=False), text_model_dir)
+    model.config = config
+    model.image_encoder.config = config
     apply_state(model, state, info.text_weights == "checkpoint", folder / WEIGHTS_FILE)
     info.sha256 = digest
     model.eval()

@@ -11,7 +11,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from afloc_engine.io import ImageData, read_image
 from afloc_engine.models import AFLocModel
 from afloc_engine.prompts import negative_prompt, validate_prompts
 from afloc_engine.transforms import Letterbox, prepare_image
+
+if TYPE_CHECKING:  # pragma: no cover
+    from afloc_engine.volume import VolumeResult
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,9 @@ class AFLoc:
     def __init__(self, model: AFLocModel, info: ModelInfo, device: str | torch.device = "auto") -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        self._channels_last = self.device.type == "cuda" and model.config.spatial_dims == 2
+        if self._channels_last:
+            self.model.image_encoder.to(memory_format=torch.channels_last)
         self.info = info
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
@@ -125,7 +131,11 @@ class AFLoc:
     @torch.inference_mode()
     def encode_images(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, S, S) prepared images -> deep local (B, D, g, g) and global (B, D) features."""
-        feats = self.model.encode_images(batch.to(self.device))
+        batch = batch.to(self.device)
+        if self._channels_last and batch.dim() == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            feats = self.model.encode_images(batch)
         return feats.deep.float(), feats.global_.float()
 
     def probabilities(self, global_features: torch.Tensor, prompts: list[str], negatives: list[str]) -> torch.Tensor:
@@ -204,6 +214,25 @@ class AFLoc:
                     )
                 )
         return results
+
+    def localize_volume(
+        self,
+        image: ImageInput,
+        prompts: list[str] | str,
+        threshold: float | None = None,
+        axis: int = 0,
+        normalization: str = "volume",
+        batch_size: int = 16,
+        **options: Any,  # noqa: ANN401 (similarity, negative_prompts, window, progress: see volume.localize_volume)
+    ) -> VolumeResult:
+        """Heatmaps (P, Z, Y, X), masks and probabilities on a 3D volume (:func:`afloc_engine.volume.localize_volume`).
+
+        A 2D model runs slice by slice along ``axis`` (batches of ``batch_size``); a 3D model runs once.
+        ``normalization``: ``volume`` (min-max over the whole volume) or ``slice``.
+        """
+        from afloc_engine.volume import localize_volume
+
+        return localize_volume(self, image, prompts, threshold, axis, normalization, batch_size, **options)
 
 
 def load_model(name_or_path: str | Path = "default", device: str | torch.device = "auto") -> AFLoc:

@@ -94,7 +94,7 @@ class TextEncoder(nn.Module):
         folder = Path(model_dir) if model_dir is not None else resolve_text_model(config.text_model)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-            self.transformer = AutoModel.from_pretrained(str(folder), local_files_only=True)
+            self.transformer = AutoModel.from_pretrained(str(folder), local_files_only=True).float()
         except (OSError, ValueError) as err:
             raise CheckpointError(f"cannot load the text model: {err}", folder) from None
         if not self.tokenizer.is_fast:
