@@ -40,7 +40,7 @@ def describe(model_name: str, device: str) -> dict:
         "card_summary": card,
         "sha256": model.info.sha256 or None,
         "sha256_check": (
-            "verified against the manifest" if expected and model.info.sha256 == expected
+            "verified (manifest or install record)" if expected and model.info.sha256 == expected
             else "no manifest checksum" if folder is not None else "no weights"
         ),
         "backbone": c.backbone,

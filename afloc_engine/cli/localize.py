@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 result = model.localize(image, prompts, args.threshold, similarity=args.similarity)
             out_dir = write_results(result, args.out / output_name(path, taken), overlay=not args.no_overlay)
-            if args.dicom_seg and image.meta.get("sop_instance_uid"):
+            if args.dicom_seg and (image.meta.get("sop_instance_uid") or (path.is_dir() and image.is_volume)):
                 from afloc_engine.dicom_seg import write_dicom_seg
 
                 write_dicom_seg(path, result, out_dir / "masks.dcm")
