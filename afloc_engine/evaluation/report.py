@@ -46,6 +46,13 @@ def format_ci(entry: dict[str, Any] | None, digits: int = 3) -> str:
     return f"{_num(value, digits)} [{_num(low, digits)}, {_num(high, digits)}]"
 
 
+def _describe(method: dict[str, Any]) -> str:
+    if method.get("kind") == "baseline":
+        return f"**{method['name']}**: {method.get('description', 'baseline')}"
+    trained = "" if method.get("trained", True) else ", untrained"
+    return f"**{method['name']}**: model {method.get('model_id', '')}{trained}"
+
+
 def _row(method: str, prompts: str, summary: dict[str, Any]) -> str:
     cells = [method, prompts, str(summary.get("n", ""))]
     cells += [format_ci(summary.get(m)) for m in METRICS]
@@ -69,7 +76,11 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         f"Positive images only. IoU and Dice averaged over heatmap thresholds {{{thresholds}}}; CNR on the "
         f"heatmap; pointing game; AUROC of P(present) where the dataset has negatives. 95% CIs from "
-        f"{boot['resamples']} bootstrap resamples (seed {boot['seed']}).",
+        f"{boot['resamples']} bootstrap resamples (seed {boot['seed']}). Overall rows pool every image-finding "
+        "pair (the CI resamples whole images); the overall AUROC is the mean over findings with negatives. "
+        "Prompt rows: each image's metric is the mean over the prompts of that kind; 'all' pools every prompt.",
+        "",
+        "Methods: " + "; ".join(_describe(m) for m in result["methods"]) + ".",
         "",
     ]
     for w in result.get("warnings", []):
