@@ -495,17 +495,16 @@ def test_cancelled_finetune_installs_nothing(scene, logic, tmp_path, monkeypatch
     assert logic.listAdapters() == [] and not task.workDir.exists()
 
 
-def test_finetune_needs_an_engine_that_can(scene, logic):
-    """Until afloc finetune exists, the message says so instead of failing obscurely."""
-    import importlib.util
+def test_finetune_needs_an_engine_that_can(scene, logic, monkeypatch):
+    """An engine without ``afloc finetune`` gives a message that says so, before anything is exported."""
+    import afloc_engine.cli
 
+    monkeypatch.setitem(afloc_engine.cli.SUBCOMMANDS, "finetune", ("afloc_engine.cli._not_here_", "fine-tuning"))
     volume = sf.add_volume(scene, np.zeros((1, 40, 48), np.int16), name="v")
     mask = np.zeros((1, 40, 48), bool)
     mask[0, 1:5, 1:5] = True
     seg, sid = painted_segmentation(scene, volume, mask)
     logic.addTrainingExample(volume, seg, sid)
-    if importlib.util.find_spec("afloc_engine.cli.finetune") is not None:
-        pytest.skip("this engine has afloc finetune")
     with pytest.raises(AFLocSlicerError, match="no 'finetune' command yet"):
         logic.startFinetune("pneumothorax")
 
@@ -534,4 +533,31 @@ def test_suggest_next_image_ranks_unannotated_volumes_and_adds_nothing(scene, lo
     assert {s.volume.GetName() for s in suggestions} == {"cxr1", "cxr2"}
     assert suggestions[0].score >= suggestions[1].score
     assert all(0 <= s.score <= 1 and len(s.probabilities) == 1 for s in suggestions)
+    assert sf.scene_snapshot(scene) == before
+
+
+@pytest.mark.slow
+def test_finetune_with_the_real_engine(scene, logic, tiny_model_dir):
+    import importlib.util
+
+    if importlib.util.find_spec("afloc_engine.cli.finetune") is None:
+        pytest.skip("this engine has no afloc finetune yet")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        array = (rng.random((1, 64, 64)) * 200).astype(np.int16)
+        array[0, 20 + i : 40, 10:30] += 800  # a bright "finding"
+        volume = sf.add_volume(scene, array, name=f"train{i}")
+        mask = np.zeros((1, 64, 64), bool)
+        mask[0, 20 + i : 40, 10:30] = True
+        seg, sid = painted_segmentation(scene, volume, mask, "nodule")
+        logic.addTrainingExample(volume, seg, sid)
+    before = sf.scene_snapshot(scene)
+    progress = []
+    task = logic.startFinetune("nodule", model=str(tiny_model_dir), device="cpu", epochs=2, onProgress=progress.append)
+    adapter = task.wait(TIMEOUT)
+    assert progress and progress[-1].step == progress[-1].total
+    assert adapter.parent == logic.adaptersDir and (adapter / "adapter.json").is_file()
+    listed = logic.listAdapters()
+    assert listed[0]["path"] == str(adapter) and listed[0]["finding"] == "nodule"
+    assert listed[0]["base_model"].startswith("tiny@test")
     assert sf.scene_snapshot(scene) == before
