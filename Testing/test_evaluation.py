@@ -344,6 +344,11 @@ def test_model_predictor_restores_training_mode(covid):
     assert set(result["figures"]) == {"cases_ground_glass_opacity.png", "cases_consolidation.png"}
     grid = result["figures"]["cases_consolidation.png"]
     assert grid.dtype == np.uint8 and grid.shape[1] == 4 * 192  # image, the model, two baselines
+    # also after an error in another predictor
+    bad = FunctionPredictor(lambda images, prompts: ([], None), "bad")
+    with pytest.raises(ValueError, match="bad: 0 heatmap sets"):
+        evaluate_localization([model, bad], ds, n_bootstrap=10)
+    assert model.training
 
 
 def test_function_predictor_shape_errors(covid):

@@ -259,12 +259,58 @@ def evaluate_localization(
     notes: list[str] = list(dataset.notes)
     prompt_map = _normalise_prompts(prompts)
     chosen, finding_prompts = _resolve_findings(dataset, findings, prompt_map, skipped, notes)
-    predictors = _predictors(models, baselines, batch_size)
-    if not predictors:
-        raise ValueError("nothing to evaluate: give a model or at least one baseline")
     if not chosen:
         headline = "no requested finding is in the dataset"
         raise NothingEvaluatedError(nothing_evaluated_message(skipped, headline), dataset.root, skipped)
+    predictors = _predictors(models, baselines, batch_size)
+    if not predictors:
+        raise ValueError("nothing to evaluate: give a model or at least one baseline")
+    try:
+        result = _run(
+            dataset,
+            predictors,
+            chosen,
+            finding_prompts,
+            skipped,
+            n_bootstrap,
+            seed,
+            thresholds,
+            batch_size,
+            cases,
+            figures,
+            progress,
+            min_mask_pixels,
+        )
+    finally:
+        for p in predictors:
+            p.close()  # e.g. a trainer's model back in training mode, also after an error
+    result["skipped"] = [s.to_dict() for s in skipped]
+    result["skipped_counts"] = dict(Counter(s.group for s in skipped).most_common())
+    result["notes"] = notes
+    result["warnings"] = [
+        f"UNTRAINED MODEL: {m['name']} has random weights; its numbers mean nothing"
+        for m in result["methods"]
+        if m.get("kind") == "model" and m.get("trained") is False
+    ]
+    return result
+
+
+def _run(
+    dataset: EvalDataset,
+    predictors: list[Predictor],
+    chosen: list[str],
+    finding_prompts: dict[str, list[EvalPrompt]],
+    skipped: list[Skip],
+    n_bootstrap: int,
+    seed: int,
+    thresholds: Sequence[float],
+    batch_size: int,
+    cases: int,
+    figures: bool,
+    progress: str | Progress,
+    min_mask_pixels: int,
+) -> dict[str, Any]:
+    """Predict and score every sample, aggregate, pick and render the cases."""
     classify = any(not p.prompt_independent for p in predictors)
     texts = list(dict.fromkeys(p.text for f in chosen for p in finding_prompts[f]))
     index = {t: i for i, t in enumerate(texts)}
@@ -284,23 +330,11 @@ def evaluate_localization(
             bar.close()
     result = _aggregate(dataset, predictors, chosen, finding_prompts, records, n_bootstrap, seed, thresholds)
     if not any(result["results"][p.name]["overall"] for p in predictors):
-        for p in predictors:
-            p.close()
         headline = "no positive image could be evaluated"
         raise NothingEvaluatedError(nothing_evaluated_message(skipped, headline), dataset.root, skipped)
     result["cases"] = _select_cases(predictors, chosen, finding_prompts, records, cases)
     if figures and cases > 0:
         result["figures"] = _render_cases(dataset, predictors, result["cases"])
-    for p in predictors:
-        p.close()
-    result["skipped"] = [s.to_dict() for s in skipped]
-    result["skipped_counts"] = dict(Counter(s.group for s in skipped).most_common())
-    result["notes"] = notes
-    result["warnings"] = [
-        f"UNTRAINED MODEL: {m['name']} has random weights; its numbers mean nothing"
-        for m in result["methods"]
-        if m.get("kind") == "model" and m.get("trained") is False
-    ]
     return result
 
 
