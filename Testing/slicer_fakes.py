@@ -292,7 +292,9 @@ class FakeTimer:
 
 
 class FakeWidget:
-    """Any widget of the .ui file: remembers its properties and offers the signals the module connects to."""
+    """Any widget of the .ui file, PythonQt style: Qt properties are attributes (``w.text``, ``w.value``,
+    ``combo.currentData``, ``combo.count``, ``list.currentRow``), setters and other methods are methods,
+    and it offers the signals the module connects to."""
 
     SIGNALS = (
         "clicked",
@@ -300,12 +302,9 @@ class FakeWidget:
         "valueChanged",
         "textChanged",
         "currentIndexChanged",
-        "currentTextChanged",
         "currentNodeChanged",
         "currentSegmentChanged",
-        "itemSelectionChanged",
-        "checkedIndexesChanged",
-        "editingFinished",
+        "itemDoubleClicked",
     )
 
     def __init__(self, name: str = "", cls: str = "QWidget", props: dict[str, Any] | None = None) -> None:
@@ -316,46 +315,99 @@ class FakeWidget:
         self.items: list[str] = []
         self.itemData_: list[Any] = []
         self.currentIndex_ = -1
+        self.currentRow_ = -1
         self.node = None
         self.scene = None
         self.segmentId = ""
         for sig in self.SIGNALS:
             setattr(self, sig, Signal())
 
-    # generic properties
-    def setEnabled(self, on: bool) -> None:
-        self.props["enabled"] = bool(on)
-
-    def isEnabled(self) -> bool:
+    # properties (PythonQt exposes Q_PROPERTYs as attributes)
+    @property
+    def enabled(self) -> bool:
         return self.props["enabled"]
 
-    enabled = property(lambda self: self.props["enabled"], lambda self, v: self.setEnabled(v))
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        self.props["enabled"] = bool(on)
+
+    @property
+    def visible(self) -> bool:
+        return self.props["visible"]
+
+    @visible.setter
+    def visible(self, on: bool) -> None:
+        self.props["visible"] = bool(on)
+
+    @property
+    def text(self) -> str:
+        return self.props["text"]
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self.setText(value)
+
+    @property
+    def value(self) -> float:
+        return self.props["value"]
+
+    @value.setter
+    def value(self, v: float) -> None:
+        self.setValue(v)
+
+    @property
+    def checked(self) -> bool:
+        return self.props["checked"]
+
+    @checked.setter
+    def checked(self, on: bool) -> None:
+        self.setChecked(on)
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+    @property
+    def currentIndex(self) -> int:
+        return self.currentIndex_
+
+    @property
+    def currentText(self) -> str:
+        return self.items[self.currentIndex_] if 0 <= self.currentIndex_ < len(self.items) else ""
+
+    @property
+    def currentData(self) -> Any:
+        return self.itemData_[self.currentIndex_] if 0 <= self.currentIndex_ < len(self.items) else None
+
+    @property
+    def currentRow(self) -> int:
+        return self.currentRow_
+
+    @currentRow.setter
+    def currentRow(self, row: int) -> None:
+        self.currentRow_ = row
+
+    # methods
+    def setEnabled(self, on: bool) -> None:
+        self.props["enabled"] = bool(on)
 
     def setVisible(self, on: bool) -> None:
         self.props["visible"] = bool(on)
 
-    def isVisible(self) -> bool:
-        return self.props["visible"]
-
-    visible = property(lambda self: self.props["visible"], lambda self, v: self.setVisible(v))
-
     def setText(self, text: str) -> None:
+        changed = str(text) != self.props["text"]
         self.props["text"] = str(text)
-
-    def text(self) -> str:
-        return self.props["text"]
+        if changed:
+            self.textChanged.emit(str(text))
 
     def setPlainText(self, text: str) -> None:
-        self.props["text"] = str(text)
+        self.setText(text)
 
     def toPlainText(self) -> str:
         return self.props["text"]
 
     def appendPlainText(self, text: str) -> None:
-        self.props["text"] = (self.props["text"] + "\n" + text) if self.props["text"] else text
-
-    def setToolTip(self, text: str) -> None:
-        self.props["toolTip"] = text
+        self.setText((self.props["text"] + "\n" + text) if self.props["text"] else text)
 
     def setValue(self, value: float) -> None:
         changed = value != self.props["value"]
@@ -363,49 +415,28 @@ class FakeWidget:
         if changed:
             self.valueChanged.emit(value)
 
-    def value(self) -> float:
-        return self.props["value"]
-
-    def setMinimum(self, v: float) -> None:
-        self.props["minimum"] = v
-
-    def setMaximum(self, v: float) -> None:
-        self.props["maximum"] = v
-
     def setChecked(self, on: bool) -> None:
         changed = bool(on) != self.props["checked"]
         self.props["checked"] = bool(on)
         if changed:
             self.toggled.emit(bool(on))
 
-    def isChecked(self) -> bool:
-        return self.props["checked"]
-
-    checked = property(lambda self: self.props["checked"], lambda self, v: self.setChecked(v))
-
     def click(self) -> None:
+        """What a user's click does: nothing when disabled."""
         if self.props["enabled"]:
             if self.props.get("checkable"):
                 self.setChecked(not self.props["checked"])
             self.clicked.emit()
 
-    # combo boxes / lists
     def clear(self) -> None:
-        self.items, self.itemData_, self.currentIndex_ = [], [], -1
-        self.props["text"] = ""
+        self.items, self.itemData_ = [], []
+        self.currentIndex_ = self.currentRow_ = -1
 
     def addItem(self, text: str, data: Any = None) -> None:
         self.items.append(str(text))
         self.itemData_.append(data)
-        if self.currentIndex_ < 0:
+        if self.currentIndex_ < 0 and self.className_ == "QComboBox":
             self.currentIndex_ = 0
-
-    def addItems(self, texts: list[str]) -> None:
-        for t in texts:
-            self.addItem(t)
-
-    def count(self) -> int:
-        return len(self.items)
 
     def itemText(self, i: int) -> str:
         return self.items[i]
@@ -413,35 +444,20 @@ class FakeWidget:
     def itemData(self, i: int) -> Any:
         return self.itemData_[i]
 
-    def currentIndex(self) -> int:
-        return self.currentIndex_
-
-    def setCurrentIndex(self, i: int) -> None:
-        if i != self.currentIndex_:
-            self.currentIndex_ = i
-            self.currentIndexChanged.emit(i)
-
-    def currentText(self) -> str:
-        return self.items[self.currentIndex_] if 0 <= self.currentIndex_ < len(self.items) else self.props["text"]
-
-    def currentData(self) -> Any:
-        return self.itemData_[self.currentIndex_] if 0 <= self.currentIndex_ < len(self.items) else None
-
     def findText(self, text: str) -> int:
         return self.items.index(text) if text in self.items else -1
 
     def findData(self, data: Any) -> int:
         return self.itemData_.index(data) if data in self.itemData_ else -1
 
-    def setCurrentText(self, text: str) -> None:
-        i = self.findText(text)
-        if i >= 0:
-            self.setCurrentIndex(i)
-        else:
-            self.props["text"] = text
+    def setCurrentIndex(self, i: int) -> None:
+        if i != self.currentIndex_:
+            self.currentIndex_ = i
+            self.currentIndexChanged.emit(i)
 
-    def blockSignals(self, on: bool) -> bool:
-        return False
+    def choose(self, text: str) -> None:
+        """A user picks the combo box item whose text starts with ``text``."""
+        self.setCurrentIndex(next(i for i, t in enumerate(self.items) if t.startswith(text)))
 
     # MRML widgets
     def setMRMLScene(self, scene: Any) -> None:
@@ -458,18 +474,6 @@ class FakeWidget:
             self.node = node
             self.currentNodeChanged.emit(node)
 
-    def setCurrentNodeID(self, node_id: str) -> None:
-        self.setCurrentNode(self.scene.GetNodeByID(node_id) if self.scene and node_id else None)
-
-    def currentNodeID(self) -> str:
-        return self.node.GetID() if self.node else ""
-
-    def setSegmentationNode(self, node: Any) -> None:
-        self.node = node
-
-    def segmentationNode(self) -> Any:
-        return self.node
-
     def currentSegmentID(self) -> str:
         return self.segmentId
 
@@ -480,12 +484,18 @@ class FakeWidget:
     def setMRMLTableNode(self, node: Any) -> None:
         self.node = node
 
+    def mrmlTableNode(self) -> Any:
+        return self.node
+
+    def children(self) -> list[FakeWidget]:
+        return list(self.__dict__.get("children_", []))
+
     def __getattr__(self, name: str) -> Any:
-        # any other Qt setter/getter (setSizePolicy, setFormat, ...) is accepted and remembered
+        # other Qt setters (setSizePolicy, setFormat, ...) are accepted and remembered
         if name.startswith("set") and len(name) > 3:
             key = name[3].lower() + name[4:]
             return lambda *args: self.props.__setitem__(key, args[0] if len(args) == 1 else args)
-        raise AttributeError(name)
+        raise AttributeError(f"{self.className_} '{self.name}' has no attribute {name!r}")
 
 
 def parse_ui(path: Path = UI_FILE) -> dict[str, tuple[str, dict[str, Any]]]:
