@@ -21,7 +21,9 @@ from AFLocSlicerLib import Results  # noqa: E402
 from AFLocSlicerLib.Logic import AFLocLogic  # noqa: E402
 from test_slicer_logic import engine_results_folder  # noqa: E402
 
-DOCS_PNG = Path(__file__).resolve().parents[1] / "docs" / "slicer_overlay.png"
+REPO = Path(__file__).resolve().parents[1]
+DOCS_PNG = REPO / "docs" / "slicer_overlay.png"
+SCREENSHOT_PNG = REPO / "Resources" / "Screenshots" / "AFLocSlicer-overlay.png"  # the extension's screenshot URL
 SIZE = 512
 
 
@@ -125,6 +127,7 @@ def test_heatmap_lies_over_the_radiologist_mask_on_an_oblique_covid_image(tmp_pa
     out = tmp_path / "slicer_overlay.png"
     sheet.save(out)
     assert stats["hot_inside"] > 60
-    if os.environ.get("AFLOC_UPDATE_DOCS") or not DOCS_PNG.exists():
-        DOCS_PNG.parent.mkdir(exist_ok=True)
-        sheet.save(DOCS_PNG)
+    for target in (DOCS_PNG, SCREENSHOT_PNG):  # refreshed on request (AFLOC_UPDATE_DOCS=1) or when missing
+        if os.environ.get("AFLOC_UPDATE_DOCS") or not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            sheet.save(target)
