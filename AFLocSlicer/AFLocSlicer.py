@@ -199,7 +199,7 @@ class AFLocSlicerTest(ScriptedLoadableModuleTest):
         )
         self.assertEqual(len(results.heatmaps), 2)
         for heat in results.heatmaps:
-            self.assertTrue(np.array_equal(Results.ijkToRasArray(heat), Results.ijkToRasArray(volume)))
+            self.assertTrue(np.allclose(Results.ijkToRasArray(heat), Results.ijkToRasArray(volume), rtol=0, atol=1e-12))
             self.assertEqual(heat.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
         self.assertEqual(results.findings, ["pneumothorax", "pleural effusion"])
         seg = results.segmentation
@@ -226,7 +226,9 @@ class AFLocSlicerTest(ScriptedLoadableModuleTest):
         volume = slicer.util.loadVolume(str(image))
         logic = AFLocSlicerLogic()
         results = logic.localize(volume, ["ground glass opacity"], model=self.tinyModel(), device="cpu", timeout=600)
-        self.assertTrue(np.array_equal(Results.ijkToRasArray(results.heatmaps[0]), Results.ijkToRasArray(volume)))
+        self.assertTrue(
+            np.allclose(Results.ijkToRasArray(results.heatmaps[0]), Results.ijkToRasArray(volume), rtol=0, atol=1e-12)
+        )
         self.assertEqual(results.findings, ["ground glass opacity"])
         logging.info("AFLoc probabilities: %s", results.probabilities)
         self.delayDisplay("covid-cxr image: OK")

@@ -58,6 +58,12 @@ def ijk_to_ras(node):
     return Results.ijkToRasArray(node)
 
 
+def assert_same_geometry(node, reference):
+    """IJK-to-RAS equal to the reference's. Slicer re-normalises direction vectors whenever a volume's
+    orientation is set, so oblique directions can differ in the last bit (1e-17); nothing more is allowed."""
+    np.testing.assert_allclose(ijk_to_ras(node), ijk_to_ras(reference), rtol=0, atol=1e-12)
+
+
 def read_nrrd(path):
     import SimpleITK as sitk
 
@@ -162,7 +168,7 @@ def test_covid_image_oblique_geometry_and_heatmap_voxels(scene, logic, shared_da
     task.finish = keep_copy
     results = task.wait(TIMEOUT)
     heat = results.heatmaps[0]
-    assert np.array_equal(ijk_to_ras(heat), ijk_to_ras(volume))  # oblique direction kept exactly
+    assert_same_geometry(heat, volume)  # the oblique direction is kept
     assert heat.GetTransformNodeID() == transform.GetID() == results.segmentation.GetTransformNodeID()
     engine = engine_files["heat"].reshape(Results.volumeArray(heat).shape)
     assert np.array_equal(Results.volumeArray(heat), engine)  # same voxels, not transposed or flipped
@@ -240,7 +246,7 @@ def test_labelmap_on_request_follows_the_threshold_and_is_removed(scene, logic, 
     volume, results, before, heats = constructed
     label = logic.exportLabelmap(results)
     assert label.IsA("vtkMRMLLabelMapVolumeNode")
-    assert np.array_equal(ijk_to_ras(label), ijk_to_ras(volume))
+    assert_same_geometry(label, volume)
     values = Results.volumeArray(label)
     assert values.shape == (1, 96, 128)
     assert set(np.unique(values)) <= {0, 1, 2}
@@ -561,3 +567,71 @@ def test_finetune_with_the_real_engine(scene, logic, tiny_model_dir):
     assert listed[0]["path"] == str(adapter) and listed[0]["finding"] == "nodule"
     assert listed[0]["base_model"].startswith("tiny@test")
     assert sf.scene_snapshot(scene) == before
+
+
+@pytest.mark.slow
+def test_ct_volume_slice_by_slice(scene, logic, tiny_model_dir):
+    """A 3D volume (CT-like, HU) gets 3D heatmaps and masks with the volume's exact geometry."""
+    rng = np.random.default_rng(2)
+    array = (rng.normal(-700, 200, size=(6, 40, 48))).astype(np.int16)
+    array[:, 10:30, 10:38] = 40  # soft tissue
+    m = sf.oblique_ijk_to_ras((0.8, 0.8, 2.5), (-100.0, 50.0, 300.0), angles=(0.1, 0.05, 0.2))
+    volume = sf.add_volume(scene, array, m, "ct")
+    before = sf.scene_snapshot(scene)
+    results = logic.localize(
+        volume, ["Findings suggesting pneumothorax"], model=str(tiny_model_dir), device="cpu", timeout=TIMEOUT
+    )
+    heat = results.heatmaps[0]
+    assert Results.volumeArray(heat).shape == (6, 40, 48)
+    assert_same_geometry(heat, volume)
+    mask = Results.segmentMask(results.segmentation, results.segmentIds[0], volume)
+    assert mask.shape == (6, 40, 48) and np.array_equal(mask, Results.volumeArray(heat) > results.threshold)
+    logic.removeResults(results)
+    assert sf.scene_snapshot(scene) == before
+
+
+def test_selected_adapter_is_passed_to_the_engine(scene, logic, tmp_path, monkeypatch):
+    """With an adapter selected, localize gets ``--adapter PATH`` (or a clear error if the engine cannot)."""
+    adapter = tmp_path / "adapters" / "pneumothorax-20260101-000000"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter.json").write_text(json.dumps({"finding": "pneumothorax", "base_model_id": "tiny@test:1"}))
+    argv_file = tmp_path / "argv.txt"
+    logic.python = fake_python(tmp_path, f'printf "%s\\n" "$@" > {argv_file}\nexit 3\n')
+    volume = sf.add_volume(scene, np.zeros((1, 32, 32), np.int16), name="img")
+    monkeypatch.setattr(AFLocLogic, "engineOptions", lambda self, sub: {"--adapter"})
+    with pytest.raises(AFLocSlicerError, match="afloc localize failed"):
+        logic.localize(volume, ["pneumothorax"], adapter=str(adapter), timeout=30)
+    argv = argv_file.read_text().splitlines()
+    assert argv[argv.index("--adapter") + 1] == str(adapter)
+    monkeypatch.setattr(AFLocLogic, "engineOptions", lambda self, sub: set())
+    with pytest.raises(AFLocSlicerError, match="cannot apply adapters yet"):
+        logic.startLocalization(volume, ["pneumothorax"], adapter=str(adapter))
+    with pytest.raises(AFLocSlicerError, match="not an AFLoc adapter folder"):
+        logic.startLocalization(volume, ["pneumothorax"], adapter=str(tmp_path))
+    assert [a["name"] for a in logic.listAdapters()] == [adapter.name]
+
+
+def test_parameters_survive_saving_the_scene(scene, logic, tmp_path):
+    from AFLocSlicerLib.Parameters import AFLocParameters
+
+    volume = sf.add_volume(scene, np.zeros((1, 8, 8), np.int16), name="img")
+    params = logic.parameters
+    params.inputVolume = volume
+    params.prompts = ["Findings suggesting pleural effusion", "a free sentence"]
+    params.threshold = 0.42
+    params.device = "cpu"
+    params.createLabelmap = True
+    params.trainingExamples = [{"volume": volume.GetID(), "segmentation": "x", "segment": "s", "finding": "f"}]
+    with pytest.raises(AttributeError):
+        params.thresold = 0.1  # a typo is an error, not a silent new setting
+    path = tmp_path / "scene.mrml"
+    scene.SetURL(str(path))
+    assert scene.Commit()
+    reloaded = sf.make_scene()
+    reloaded.SetURL(str(path))
+    assert reloaded.Connect()
+    again = AFLocParameters.get(reloaded)
+    assert again.prompts == params.prompts and again.threshold == pytest.approx(0.42)
+    assert again.device == "cpu" and again.createLabelmap is True and again.opacity == 0.5
+    assert again.trainingExamples == params.trainingExamples
+    assert again.inputVolume is not None and again.inputVolume.GetName() == "img"
