@@ -339,6 +339,8 @@ class AFLocWidgetController:
         Results.setOpacity(self.logic.scene, float(value))
 
     def onThresholdChanged(self, value: float) -> None:
+        if self._updating:
+            return
         self.updateParametersFromGUI()
         if self.currentResults() is not None:
             self.thresholdTimer.start()  # debounce: re-threshold once the slider rests

@@ -1,0 +1,119 @@
+"""The background runner: JSON progress parsed, errors made readable, Cancel kills the whole process tree."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+
+import pytest
+import slicer_fakes as sf  # noqa: F401  (puts AFLocSlicer/ on sys.path)
+from AFLocSlicerLib import Process
+
+
+def child(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def test_progress_lines_are_parsed_and_other_lines_logged():
+    seen, logs = [], []
+    proc = Process.EngineProcess(
+        child(
+            """
+            import json, sys
+            print("UserWarning: untrained model", file=sys.stderr, flush=True)
+            for i in (1, 2):
+                event = {"event": "progress", "step": i, "total": 2, "message": "x", "eta_s": 1.5, "loss": 0.5 / i}
+                print(json.dumps(event), flush=True)
+            print(json.dumps({"event": "done", "outputs": ["a"]}), flush=True)
+            """
+        ),
+        onProgress=seen.append,
+        onLog=logs.append,
+    )
+    proc.start()
+    assert proc.wait(30) == Process.SUCCEEDED
+    assert [(p.step, p.total, p.fields["loss"]) for p in seen] == [(1, 2, 0.5), (2, 2, 0.25)]
+    assert seen[-1].fraction == 1.0 and seen[0].eta_s == 1.5
+    assert proc.doneEvent == {"event": "done", "outputs": ["a"]}
+    assert logs == ["UserWarning: untrained model"]
+
+
+def test_error_message_prefers_the_engines_error_line_then_the_traceback():
+    proc = Process.EngineProcess(
+        child(
+            """
+            import json, sys
+            print(json.dumps({"event": "error", "message": "file is empty (0 bytes)", "path": "/x/a.nrrd"}), flush=True)
+            sys.exit(2)
+            """
+        )
+    )
+    proc.start()
+    assert proc.wait(30) == Process.FAILED and proc.returncode == 2
+    assert proc.errorMessage == "/x/a.nrrd: file is empty (0 bytes)"
+    proc = Process.EngineProcess(
+        child("import numpy\nraise RuntimeError('CUDA out of memory. Tried to allocate 2 GiB')")
+    )
+    proc.start()
+    assert proc.wait(30) == Process.FAILED
+    assert proc.errorMessage == "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"
+    assert proc.outOfMemory
+
+
+def test_cancel_kills_the_process_and_its_children(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    proc = Process.EngineProcess(
+        child(
+            f"""
+            import subprocess, sys, time
+            grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            open({str(pid_file)!r}, "w").write(str(grandchild.pid))
+            print("started", flush=True)
+            time.sleep(60)
+            """
+        )
+    )
+    proc.start()
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline
+        proc.poll()
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    proc.cancel()
+    assert proc.wait(30) == Process.CANCELLED
+    assert proc.errorMessage == "cancelled"
+    deadline = time.monotonic() + 10
+    while True:  # the grandchild is gone (killed with the process group; reaped by init)
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        if open(f"/proc/{grandchild}/stat").read().split()[2] == "Z":
+            break
+        assert time.monotonic() < deadline, "the grandchild survived Cancel"
+        time.sleep(0.1)
+
+
+def test_wait_with_a_timeout_stops_the_job():
+    proc = Process.EngineProcess(child("import time; time.sleep(60)"))
+    proc.start()
+    with pytest.raises(TimeoutError):
+        proc.wait(0.5)
+    assert proc.state == Process.CANCELLED and proc.proc.poll() is not None
+
+
+def test_a_missing_interpreter_is_a_failure_not_a_crash(tmp_path):
+    proc = Process.EngineProcess([str(tmp_path / "no_python"), "-m", "afloc_engine"])
+    proc.start()
+    assert proc.state == Process.FAILED and "cannot start" in proc.errorMessage
+    assert not proc.poll()
+
+
+def test_engine_command_adds_json_progress():
+    argv = Process.engine_command("py", "localize", ["a.nrrd", "--prompt", "x"])
+    assert argv == ["py", "-m", "afloc_engine", "localize", "a.nrrd", "--prompt", "x", "--progress", "json"]
+    assert Process.parse_line('{"event": "progress", "step": 1}') == {"event": "progress", "step": 1}
+    assert Process.parse_line("{not json}") is None and Process.parse_line('{"no_event": 1}') is None
