@@ -505,7 +505,11 @@ def importResults(scene: Any, inputVolume: Any, folder: Path) -> AFLocResults:
             color = segmentColor(i)
             segmentId = segmentation.AddEmptySegment("", finding, list(color))
             segment = segmentation.GetSegment(segmentId)
-            segment.SetTerminology(terminologyEntry(finding, color))
+            entry = terminologyEntry(finding, color)
+            if hasattr(segment, "SetTerminology"):
+                segment.SetTerminology(entry)
+            else:  # Slicer before 5.8 keeps the terminology in a tag
+                segment.SetTag("TerminologyEntry", entry)
             setSegmentMask(segNode, segmentId, mask, inputVolume)
             heat.SetAttribute("AFLoc.SegmentID", segmentId)
             segNode.AddNodeReferenceID(HEATMAP_REFERENCE, heat.GetID())
