@@ -60,11 +60,17 @@ def default_prompt(finding: str) -> str:
     return TEMPLATE.format(finding=finding)
 
 
+def default_head_resolution(image_size: int) -> int:
+    """R for a canvas of S px: S / 4, at least 32 (at most S)."""
+    return int(min(image_size, max(32, image_size // 4)))
+
+
 @dataclass
 class AdapterConfig:
     """Everything needed to rebuild and apply an adapter (saved in ``adapter.json``).
 
-    head_stride: the head works at R = image_size / head_stride on the canvas. logit_scale k:
+    head_resolution: the head works on an R x R grid over the S x S canvas (default
+    min(S, max(32, S / 4)): 56 for the 224 px default, 32 for small test models). logit_scale k:
     training probability = sigmoid(k * (heatmap - threshold)), so ``heatmap > threshold`` is the mask.
     """
 
@@ -74,15 +80,14 @@ class AdapterConfig:
     image_size: int
     threshold: float
     similarity: str
-    head_stride: int = 2
+    head_resolution: int = 0
     logit_scale: float = 4.0
     unfreeze_last_stage: bool = False
     training: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def head_resolution(self) -> int:
-        """R, the side of the head's grid in pixels of the S x S canvas."""
-        return max(8, self.image_size // self.head_stride)
+    def __post_init__(self) -> None:
+        if self.head_resolution <= 0:
+            self.head_resolution = default_head_resolution(self.image_size)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -180,7 +185,9 @@ class Adapter:
         image: torch.Tensor,
         s8: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Heatmap correction (B, F, R, R) from encoder features and head-grid inputs (see :class:`AdapterHead`).
+        """Heatmap correction (B, F, R, R) from encoder features (B, D, g, g) and head-grid inputs.
+
+        See :class:`AdapterHead`; the features are reduced by the head's PCA first.
 
         With a tuned last stage, ``s8`` (the frozen stride-8 map) replaces the base deep features.
         """
@@ -188,7 +195,7 @@ class Adapter:
             if s8 is None:
                 raise ValueError("this adapter tunes the last encoder stage and needs the stride-8 features")
             deep = self.stage(s8)
-        return self.head(shallow, deep, zero_shot, image)
+        return self.head(self.head.reduce(shallow, "shallow"), self.head.reduce(deep, "deep"), zero_shot, image)
 
     # --- files ---------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:

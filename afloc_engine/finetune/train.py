@@ -54,19 +54,34 @@ class FinetuneCancelled(Exception):
 class _Views:
     """Cached head inputs of N views (all tensors on the training device)."""
 
-    shallow: torch.Tensor  # (N, D, g8, g8)
-    deep: torch.Tensor  # (N, D, g16, g16) base deep features, or (N, C8, g8, g8) stride-8 maps when tuning
+    shallow: torch.Tensor  # (N, D, g8, g8) encoder features; (N, k, g8, g8) once reduced
+    deep: torch.Tensor  # (N, D, g16, g16) base deep features; reduced, or the stride-8 maps when tuning the stage
     zero_shot: torch.Tensor  # (N, F, R, R) zero-shot heatmaps in [-1, 1]
     image: torch.Tensor  # (N, 1, R, R)
     target: torch.Tensor  # (N, F, R, R) in [0, 1]
     valid: torch.Tensor  # (N, 1, R, R) in [0, 1]
     present: torch.Tensor  # (N, F) 1 where the finding has a mask
+    s8: torch.Tensor | None = None  # (N, C8, g8, g8) stride-8 backbone maps (only to tune the last stage)
 
     def __len__(self) -> int:
         return self.shallow.shape[0]
 
     def take(self, idx: torch.Tensor) -> _Views:
-        return _Views(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+        return _Views(*(None if getattr(self, f) is None else getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+    @torch.no_grad()
+    def reduce(self, head: torch.nn.Module, tune_stage: bool, chunk: int = 16) -> _Views:
+        """Features -> the head's PCA inputs (deep: the stride-8 maps instead when the stage is tuned)."""
+
+        def apply(x: torch.Tensor, level: str) -> torch.Tensor:
+            return torch.cat([head.reduce(x[i : i + chunk], level) for i in range(0, len(x), chunk)])
+
+        deep = self.s8 if tune_stage else apply(self.deep, "deep")
+        return _Views(
+            apply(self.shallow, "shallow"),
+            deep,
+            *(getattr(self, f) for f in ("zero_shot", "image", "target", "valid", "present")),
+        )
 
 
 def _auto_views(n_train: int) -> int:
@@ -160,10 +175,14 @@ def _encode_views(
                 parts["valid"].append(valid_on_head(box, resolution, dev)[None])
                 parts["present"].append(present.to(dev))
             parts["shallow"].append(feats.shallow.float())
-            parts["deep"].append((tap.s8 if want_s8 else feats.deep).float())
+            parts["deep"].append(feats.deep.float())
+            if want_s8:
+                parts["s8"].append(tap.s8.float())
             parts["image"].append(image_channel(batch, resolution))
         on_chunk(len(part))
-    stacked = {k: torch.cat(v) if k in ("shallow", "deep", "image") else torch.stack(v) for k, v in parts.items()}
+    stacked = {
+        k: torch.cat(v) if k in ("shallow", "deep", "s8", "image") else torch.stack(v) for k, v in parts.items() if v
+    }
     return _Views(**{k: t.detach().clone() for k, t in stacked.items()})
 
 
@@ -191,7 +210,7 @@ def _shift_scale(batch: _Views, rng: np.random.Generator, aug: AugmentConfig) ->
         warp(batch.target, "zeros"),
         warp(batch.valid, "zeros"),
         batch.present,
-    )
+    )  # (batch.s8 is not needed once reduced)
 
 
 class _Objective:
@@ -239,12 +258,13 @@ def finetune(
     epochs: int | None = None,
     views: int | None = None,
     batch_size: int = 8,
-    lr: float = 3e-3,
+    lr: float = 1e-2,
     weight_decay: float = 1e-4,
     focal_weight: float = 1.0,
     logit_scale: float = 4.0,
-    head_stride: int = 2,
+    head_resolution: int | None = None,
     width: int = 32,
+    feature_dim: int = 64,
     unfreeze_last_stage: bool = False,
     stage_lr: float = 1e-4,
     patience: int | None = None,
@@ -265,6 +285,8 @@ def finetune(
         prompts: the zero-shot prompt per finding (default "Findings suggesting {finding}").
         epochs: passes over the cached views (default: about 200 optimiser steps, 15 to 300 epochs).
         views: encoded views per training example, original included (default: ~16 images in all).
+        head_resolution: side R of the head's grid over the S x S canvas (default S / 4, >= 32).
+        width, feature_dim: head channels; PCA channels per feature level (at most D).
         unfreeze_last_stage: also tune a copy of the encoder's last local stage (ResNet only; slower).
         patience: epochs without held-out improvement before stopping (>= 4 examples; default 25%).
         seed: seeds initialisation, augmentation, the held-out pick and the batch order.
@@ -294,8 +316,11 @@ def finetune(
     devices = [dev] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        adapter = create_adapter(model, findings, prompts, width=width, fine_width=max(8, width // 2))
-        adapter.config.head_stride = head_stride
+        adapter = create_adapter(
+            model, findings, prompts, width=width, fine_width=max(8, width // 2), in_dim=feature_dim
+        )
+        if head_resolution:
+            adapter.config.head_resolution = int(head_resolution)
         adapter.config.logit_scale = logit_scale
         adapter.config.unfreeze_last_stage = unfreeze_last_stage
         stage = TunedStage.from_encoder(model.model.image_encoder).to(dev) if unfreeze_last_stage else None
@@ -326,6 +351,10 @@ def finetune(
         held_cache = (
             _encode_views(model, held_list, prompt_emb, res, want_s8, batch_size, on_chunk) if held_list else None
         )
+        head.fit_reduction(cache.shallow, "shallow")
+        head.fit_reduction(cache.deep, "deep")
+        cache = cache.reduce(head, want_s8)
+        held_cache = held_cache.reduce(head, want_s8) if held_cache is not None else None
         encode_s = time.monotonic() - t_encode
 
         objective = _Objective(logit_scale, adapter.config.threshold, focal_weight)
@@ -340,7 +369,7 @@ def finetune(
         generator = torch.Generator().manual_seed(seed)
 
         def run_head(v: _Views) -> torch.Tensor:
-            deep = stage(v.deep) if stage is not None else v.deep
+            deep = head.reduce(stage(v.deep), "deep") if stage is not None else v.deep
             return v.zero_shot + head(v.shallow, deep, v.zero_shot, v.image)
 
         def evaluate(v: _Views) -> tuple[float, float]:
@@ -439,7 +468,7 @@ def finetune(
         "train_dice": final_train[1],
         "heldout_dice_zero_shot": zs_held[1] if zs_held else None,
         "heldout_dice": best[0] if held_cache is not None and best_state is not None else None,
-        "dice_note": "Dice of heatmap > threshold on the head grid (canvas / head_stride), letterbox padding excluded",
+        "dice_note": "Dice of heatmap > threshold on the head grid (R x R over the canvas), letterbox padding excluded",
         "history": history,
         "seconds": {
             "encode": round(encode_s, 3),
