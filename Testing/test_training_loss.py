@@ -118,3 +118,28 @@ def test_fallback_localisation_metrics():
     assert iou_dice(perfect, mask) == (1.0, 1.0)
     assert iou_dice(-perfect, mask) == (0.0, 0.0)
     assert cnr(perfect + np.random.default_rng(0).normal(0, 0.1, mask.shape), mask) > 5
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "mean"])
+def test_memory_lean_recompute_path_equals_plain_autograd(aggregation):
+    """local_similarity's chunked recompute-in-backward path: same Z and gradients as keeping everything."""
+    from afloc_engine import losses
+
+    image, text = _features(b=6, seed=4)
+    regions = losses.as_regions(image.shallow)
+    mask = text.word_mask.clone()
+    mask[2] = False  # a report with no unit
+    weights = torch.randn(6, 6, dtype=torch.float64)
+    whole = losses.local_similarity(regions, text.words, mask, aggregation=aggregation)
+    g_whole = torch.autograd.grad((whole * weights).sum(), (regions, text.words))
+    lean = losses.local_similarity(regions, text.words, mask, aggregation=aggregation, chunk_size=4)
+    assert lean.grad_fn is not None and "LocalSimilarity" in type(lean.grad_fn).__name__
+    g_lean = torch.autograd.grad((lean * weights).sum(), (regions, text.words))
+    torch.testing.assert_close(lean, whole, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_lean, g_whole):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert g_lean[1][2].abs().sum() == 0  # the empty report gets no gradient
+    assert torch.autograd.gradcheck(
+        lambda r, t: losses.local_similarity(r, t, mask[:3], aggregation=aggregation, chunk_size=2),
+        (regions.detach()[:2, :5].requires_grad_(), text.words.detach()[:3].requires_grad_()),
+    )

@@ -14,8 +14,11 @@ import torch.nn.functional as F
 _NEG = -1e4  # a large negative logit that stays finite in bf16/fp16
 
 
-# Reports per chunk are chosen so one chunk's (B_img, chunk, N, M) score tensor holds about this
-# many elements (~0.5 GB in float32); the trainer may change it (see ``set_chunk_elements``).
+# Memory policy of ``local_similarity`` under autograd. When the whole (B_img, B_txt, N, M) score
+# tensor holds at most ``_SAVE_ELEMENTS`` elements, autograd keeps the intermediates (fastest);
+# above that, or when a ``chunk_size`` is given, a custom autograd function keeps only the inputs and
+# recomputes one chunk of reports at a time in backward, each chunk holding about ``_CHUNK_ELEMENTS``.
+_SAVE_ELEMENTS = 1 << 30
 _CHUNK_ELEMENTS = 1 << 27
 _compiled_kernel = None
 
@@ -26,8 +29,14 @@ def set_chunk_elements(elements: int) -> None:
     _CHUNK_ELEMENTS = max(1, int(elements))
 
 
+def set_save_elements(elements: int) -> None:
+    """Largest (B_img, B_txt, N, M) score tensor whose intermediates autograd keeps (0: always recompute)."""
+    global _SAVE_ELEMENTS
+    _SAVE_ELEMENTS = max(0, int(elements))
+
+
 def compile_local_similarity(enabled: bool = True) -> None:
-    """Use a ``torch.compile``-d kernel for Z (fuses the two softmaxes and the casts; GPU training)."""
+    """Use a ``torch.compile``-d kernel for Z (fuses the softmax, exponentials, casts and reductions)."""
     global _compiled_kernel
     _compiled_kernel = torch.compile(_local_similarity_chunk, dynamic=True) if enabled else None
 
@@ -50,16 +59,18 @@ def local_similarity(
         tau1: attention sharpening over regions.
         tau2: scale of the text-unit/context cosine inside the log-sum-exp.
         aggregation: ``sum`` -> Z = log sum_i exp(tau2 cos_i); ``mean`` -> log of the mean.
-        chunk_size: reports processed at a time (bounds memory at B_img * chunk * N * M); by default
-            chosen so a chunk's score tensor holds about ``set_chunk_elements`` elements.
+        chunk_size: reports processed at a time (bounds memory at B_img * chunk * N * M, recomputing
+            in backward); by default the whole batch at once when it fits ``set_save_elements``, else
+            chunks of about ``set_chunk_elements`` elements.
 
     Returns:
         (B_img, B_txt) matrix of Z. A report with no real unit gets Z = 0.
 
     For each pair: s = t v^T (N x M); attention is first normalised over the text units, then
     sharpened by tau1 and normalised over regions; c_i = sum_j a_ij v_j; Z pools cos(c_i, t_i).
-    Memory-lean under autograd: the forward keeps no (B_img, B_txt, N, M) intermediate; the backward
-    recomputes each chunk (a custom autograd function), so peak memory is one chunk's, not the batch's.
+    Memory-lean under autograd when the batch is large (or ``chunk_size`` is given): the forward then
+    keeps no (B_img, B_txt, N, M) intermediate and the backward recomputes each chunk (a custom
+    autograd function), so peak memory is one chunk's, not the batch's.
     """
     if regions.dim() != 3 or text.dim() != 3 or text_mask.shape != text.shape[:2]:
         raise ValueError("expected regions (B_img, M, D), text (B_txt, N, D), text_mask (B_txt, N)")
@@ -68,13 +79,13 @@ def local_similarity(
     text_mask = text_mask.bool()
     b_img, m = regions.shape[:2]
     b_txt, n = text.shape[:2]
-    if chunk_size:
-        chunk = max(1, int(chunk_size))
-    else:
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, b_img * max(n, 1) * m))
-    chunk = min(chunk, max(b_txt, 1))
-    params = (tau1, tau2, aggregation, chunk)
-    if torch.is_grad_enabled() and (regions.requires_grad or text.requires_grad):
+    per_report = max(1, b_img * max(n, 1) * m)
+    needs_grad = torch.is_grad_enabled() and (regions.requires_grad or text.requires_grad)
+    if not chunk_size and b_txt * per_report <= _SAVE_ELEMENTS:
+        return _kernel()(regions, text, text_mask, tau1, tau2, aggregation)
+    chunk = max(1, int(chunk_size)) if chunk_size else max(1, _CHUNK_ELEMENTS // per_report)
+    params = (tau1, tau2, aggregation, min(chunk, max(b_txt, 1)))
+    if needs_grad:
         return _LocalSimilarity.apply(regions, text, text_mask, params)
     return _local_similarity_chunked(regions, text, text_mask, params)
 
@@ -143,23 +154,29 @@ class _LocalSimilarity(torch.autograd.Function):
 def _local_similarity_chunk(
     regions: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, tau1: float, tau2: float, aggregation: str
 ) -> torch.Tensor:
-    """Z of B_img images against one chunk of reports: (B_img, M, D), (T, N, D), (T, N) -> (B_img, T).
+    """Z of B_img images against T reports: (B_img, M, D), (T, N, D), (T, N) -> (B_img, T).
 
-    The attention over regions, softmax_m(tau1 * p), needs no max-subtraction: p, a softmax over the
-    text units, lies in [0, 1], so exp(tau1 * p) lies in [1, e^tau1]. The context is (e v) / sum_m e,
-    which spares one pass over the (B, T, N, M) tensor; the text-unit softmax runs in float32.
+    Works in the layout (B_img, M, T, N), which one matrix product gives without a transposed copy
+    and which the context product reads as it is. The attention over regions, softmax_m(tau1 * p),
+    needs no max-subtraction: p, a softmax over the text units, lies in [0, 1], so e = exp(tau1 * p)
+    lies in [1, e^tau1]. With a = e / sum_m e, the context c = a v gives <c, t> = sum_m a s (no pass
+    over the context for the numerator) and |c| from the un-normalised product e v. Scores, softmax
+    and reductions run in float32 (at least); the two matrix products in the input dtype.
     """
     mask = text_mask.bool()
-    unit_mask = mask[None, :, :, None]
-    # s[b, t, n, m] = <text[t, n], regions[b, m]>
-    scores = _at_least_f32(torch.einsum("tnd,bmd->btnm", text, regions)).masked_fill(~unit_mask, _NEG)
-    p = torch.softmax(scores, dim=2)  # over the text units (padding excluded)
-    e = torch.exp(p * tau1)  # un-normalised attention over regions, in [1, e^tau1]
-    norm = e.sum(dim=3, keepdim=True)
-    context = torch.einsum("btnm,bmd->btnd", e.to(regions.dtype), regions) / norm.to(regions.dtype)
-    text32 = _at_least_f32(text).unsqueeze(0).expand_as(context)
-    cos = F.cosine_similarity(_at_least_f32(context), text32, dim=-1, eps=1e-8)
-    logits = (cos * tau2).masked_fill(~mask.unsqueeze(0), _NEG)
+    b, m, d = regions.shape
+    t, n, _ = text.shape
+    scores = (regions.reshape(b * m, d) @ text.reshape(t * n, d).t()).view(b, m, t, n)
+    s32 = _at_least_f32(scores)
+    p = torch.softmax(s32.masked_fill(~mask, _NEG), dim=3)  # over the text units (padding excluded)
+    e = torch.exp(p * tau1)  # un-normalised attention over regions
+    norm = e.sum(dim=1)  # (B, T, N)
+    dot = (e * s32).sum(dim=1) / norm  # <c_n, t_n>
+    context = torch.bmm(e.to(regions.dtype).view(b, m, t * n).transpose(1, 2), regions)  # (B, T*N, D)
+    c_norm = _at_least_f32(context).norm(dim=-1).view(b, t, n) / norm
+    t_norm = _at_least_f32(text).norm(dim=-1)  # (T, N)
+    cos = dot / (c_norm * t_norm).clamp_min(1e-8)
+    logits = (cos * tau2).masked_fill(~mask, _NEG)
     z = torch.logsumexp(logits, dim=2)  # (B, T)
     counts = mask.sum(dim=1)
     if aggregation == "mean":

@@ -287,7 +287,8 @@ class Trainer:
             self.net = net
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = c.optim
-        self.optimizer = torch.optim.Adam(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        fused = self.device.type == "cuda"  # one kernel for all parameters
+        self.optimizer = torch.optim.Adam(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=o.gamma)
         self.collate = Collate(self.model.text_encoder)
         n_train = sum(p.numel() for p in self.params)
