@@ -86,13 +86,28 @@ def test_zero_epochs_is_zero_shot_and_one_example_already_changes_it(tiny_afloc,
 
 def test_few_examples_raise_dice_on_held_out_images(tiny_afloc, examples):
     adapter = finetune(tiny_afloc, examples, "blob", seed=0)
-    assert len(adapter.heldout_ids) == 1 and len(adapter.example_ids) == 4  # >= 4 examples: one held out
-    assert adapter.metrics["heldout_dice"] is not None
+    # >= 4 examples: one held out to pick the epoch count, then a refit on all five
+    m = adapter.metrics
+    assert m["heldout_example"] in adapter.example_ids and len(adapter.example_ids) == 5
+    assert m["heldout_dice"] > m["heldout_dice_zero_shot"] and m["refit_epochs"] == m["best_epoch"]
+    assert m["best_epoch"] <= m["epochs_run"] <= adapter.config.training["epochs"]
     rng = np.random.default_rng(123)
     tests = [blob_example(rng, int(rng.integers(60, 96)), int(rng.integers(60, 96))) for _ in range(8)]
     zero_shot = np.mean([dice(tiny_afloc.localize(i, PROMPT).masks[0], m) for i, m in tests])
     tuned = np.mean([dice(tiny_afloc.localize(i, PROMPT, adapter=adapter).masks[0], m) for i, m in tests])
     assert tuned > zero_shot + 0.2, (zero_shot, tuned)
+
+
+def test_without_refit_the_best_held_out_state_is_kept(tiny_afloc, examples):
+    adapter = finetune(tiny_afloc, examples[:4], "blob", epochs=30, patience=3, refit=False, seed=1)
+    m = adapter.metrics
+    assert adapter.heldout_ids == [m["heldout_example"]] and len(adapter.example_ids) == 3
+    assert m["heldout_example"] not in adapter.example_ids
+    assert m["refit_epochs"] is None and len(m["history"]) == m["epochs_run"]
+    assert m["epochs_run"] >= 15  # not stopped before half of the epochs
+    if m["heldout_informative"]:
+        best = m["history"][m["best_epoch"] - 1]["heldout_dice"]
+        assert best == max(r["heldout_dice"] for r in m["history"]) == m["heldout_dice"]
 
 
 def test_same_seed_same_adapter_other_seed_other_adapter(tiny_afloc, examples):

@@ -42,18 +42,17 @@ from afloc_engine.io import read_image  # noqa: E402
 from afloc_engine.metrics import THRESHOLDS, iou_dice_at_thresholds  # noqa: E402
 from afloc_engine.transforms import Letterbox, prepare_image  # noqa: E402
 
-FINDING = "ground glass opacity"
 MASK_CLASS = "ground_glass_opacity"
 
 
-def load_dev(data: Path) -> list[dict]:
-    """Dev images with a ground-glass-opacity mask: ``{id, patient, image, mask}`` (arrays read)."""
+def load_dev(data: Path, mask_class: str = MASK_CLASS) -> list[dict]:
+    """Dev images with a mask of ``mask_class``: ``{id, patient, image, mask}`` (arrays read)."""
     root = data / "covid-cxr"
     pairs = {r["image_id"]: r for r in csv.DictReader((root / "pairs.csv").open())}
     items = []
     for row in csv.DictReader((root / "masks.csv").open()):
         meta = pairs[row["image_id"]]
-        if row["class"] != MASK_CLASS or meta["split"] != "dev":
+        if row["class"] != mask_class or meta["split"] != "dev":
             continue
         image = read_image(root / meta["image"])
         mask = read_image(root / row["mask"]).array > 0
@@ -139,10 +138,11 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     model = afloc_engine.load_model(args.model, args.device)
     device = model.device
-    prompt = default_prompt(FINDING)
+    finding = args.mask_class.replace("_", " ")
+    prompt = default_prompt(finding)
     t = model.config.threshold
-    items = load_dev(args.data)
-    print(f"{len(items)} dev images with {MASK_CLASS} masks; model {model.model_id} (trained={model.info.trained})")
+    items = load_dev(args.data, args.mask_class)
+    print(f"{len(items)} dev images with {args.mask_class} masks; model {model.model_id}", flush=True)
     zs: dict[int, tuple[float, float]] = {}  # zero-shot scores per image, computed when first needed
     draws = []
     for k in args.ks:
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
             train = [items[i] for i in chosen]
             examples = [(it["image"], it["mask"], it["id"]) for it in train]
             start = time.perf_counter()
-            adapter = afloc_engine.finetune(model, examples, FINDING, seed=args.seed + d, epochs=args.epochs)
+            adapter = afloc_engine.finetune(model, examples, finding, seed=args.seed + d, epochs=args.epochs)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             ft_seconds = time.perf_counter() - start
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> dict:
             entry[key] = mean_sd([r.get(key) for r in rows])
         summary.append(entry)
     return {
-        "benchmark": "few-shot fine-tuning, covid-cxr dev, ground-glass opacity",
+        "benchmark": f"few-shot fine-tuning, covid-cxr dev, {finding}",
         "model_id": model.model_id,
         "model_trained": model.info.trained,
         "device": str(device),
@@ -237,7 +237,7 @@ def _fmt(pair: tuple[float | None, float | None], digits: int = 3) -> str:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"Few-shot fine-tuning, covid-cxr dev, ground-glass opacity: model `{result['model_id']}` "
+        f"Few-shot fine-tuning, covid-cxr dev, {result['prompt']!r}: model `{result['model_id']}` "
         f"(trained: {result['model_trained']}), {result['device_name']} ({result['device']}, "
         f"{result['torch_threads']} torch threads). Dice at threshold {result['threshold']} (U-Net: p > 0.5), "
         "mean ± sd over draws; in brackets the Dice averaged over thresholds 0.1-0.5.",
@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="default", help="model name or folder")
     p.add_argument("--device", default="auto")
     p.add_argument("--data", type=Path, default=default_data, help="the shared data folder")
+    p.add_argument("--mask-class", default=MASK_CLASS, help="covid-cxr mask class (default: ground_glass_opacity)")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5, 10])
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)

@@ -31,6 +31,7 @@ from afloc_engine.errors import CheckpointError, ConfigError, PromptError
 from afloc_engine.finetune.features import (
     TunedStage,
     correction_to_image,
+    encode,
     image_channel,
     image_maps_to_head,
     tap_encoder,
@@ -405,8 +406,7 @@ def localize_with_adapter(
     if tap.features is None or tap.inputs is None or tap.inputs.shape[0] != len(base) or (want_s8 and tap.s8 is None):
         # the base path did not go through the encoder's __call__: encode again
         batch = torch.stack([model.prepare(r.image)[0] for r in base]).to(model.device)
-        with torch.inference_mode(), tap_encoder(model.model.image_encoder, want_s8) as tap:
-            model.model.image_encoder(batch)
+        tap = encode(model.model.image_encoder, batch, want_s8)
     res = adapter.config.head_resolution
     zs_index = [all_prompts.index(adapter.prompts[j]) if j in used else None for j in range(len(adapter.findings))]
     out = []

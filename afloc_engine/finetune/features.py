@@ -118,7 +118,15 @@ def tap_encoder(image_encoder: nn.Module, want_s8: bool = False) -> Iterator[Enc
 
 
 def encode(image_encoder: nn.Module, batch: torch.Tensor, want_s8: bool = False) -> EncoderTap:
-    """Run the image encoder on a (B, C, S, S) batch and return what it computed (no gradients)."""
-    with torch.no_grad(), tap_encoder(image_encoder, want_s8) as tap:
+    """Run the image encoder on a (B, C, S, S) batch and return what it computed (no gradients).
+
+    On a GPU it runs in bfloat16 autocast, as :meth:`AFLoc.encode_images` does at inference.
+    """
+    cuda = batch.device.type == "cuda"
+    with (
+        torch.no_grad(),
+        torch.autocast(device_type=batch.device.type, dtype=torch.bfloat16, enabled=cuda),
+        tap_encoder(image_encoder, want_s8) as tap,
+    ):
         image_encoder(batch)
     return tap

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from afloc_engine.errors import DataError
+from afloc_engine.errors import ConfigError, DataError
 from afloc_engine.finetune.adapter import Adapter, create_adapter
 from afloc_engine.finetune.data import AugmentConfig, Example, augment_view, downscale_for_views, parse_examples
 from afloc_engine.finetune.features import (
@@ -35,6 +35,7 @@ from afloc_engine.finetune.features import (
     image_maps_to_head,
     valid_on_head,
 )
+from afloc_engine.finetune.head import AdapterHead
 from afloc_engine.heatmap import grid_to_image, similarity_maps
 from afloc_engine.transforms import Letterbox, normalize_intensity, prepare_image
 
@@ -249,6 +250,133 @@ def _dice(heat: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, present
     return float((d * present).sum() / present.sum().clamp(min=1))
 
 
+class _Trainer:
+    """Trains one head (and optionally a tuned stage) on a reduced cache; reports each epoch."""
+
+    def __init__(
+        self,
+        head: AdapterHead,
+        stage: TunedStage | None,
+        objective: _Objective,
+        threshold: float,
+        lr: float,
+        stage_lr: float,
+        weight_decay: float,
+        batch_size: int,
+        seed: int,
+        rng: np.random.Generator,
+        aug: AugmentConfig,
+        should_stop: Callable[[], bool] | None,
+    ) -> None:
+        self.head, self.stage, self.objective, self.threshold = head, stage, objective, threshold
+        self.lr, self.stage_lr, self.weight_decay, self.batch_size = lr, stage_lr, weight_decay, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rng, self.aug, self.should_stop = rng, aug, should_stop
+
+    def heat(self, v: _Views) -> torch.Tensor:
+        """Adapted heatmaps (N, F, R, R) = zero-shot + the head's correction."""
+        deep = self.head.reduce(self.stage(v.deep), "deep") if self.stage is not None else v.deep
+        return v.zero_shot + self.head(v.shallow, deep, v.zero_shot, v.image)
+
+    def evaluate(self, v: _Views) -> tuple[float, float]:
+        """(loss, Dice) on cached views, without augmentation or dropout."""
+        self.head.eval()
+        if self.stage is not None:
+            self.stage.eval()
+        with torch.no_grad():
+            heat = self.heat(v)
+            loss = float(self.objective(heat, v.target, v.valid, v.present))
+            dice = _dice(heat, v.target, v.valid, v.present, self.threshold)
+        return loss, dice
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "head": copy.deepcopy(self.head.state_dict()),
+            "stage": copy.deepcopy(self.stage.state_dict()) if self.stage is not None else None,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.head.load_state_dict(state["head"])
+        if self.stage is not None:
+            self.stage.load_state_dict(state["stage"])
+
+    def fit(
+        self,
+        cache: _Views,
+        epochs: int,
+        held: _Views | None,
+        patience: int,
+        min_epochs: int,
+        on_epoch: Callable[[dict[str, float]], None],
+    ) -> tuple[list[dict[str, float]], int, dict[str, Any] | None]:
+        """Train for ``epochs`` (cosine learning rate). With ``held``: keep the best held-out state and stop
+        after ``patience`` epochs without improvement (not before ``min_epochs``).
+
+        Returns (history, best epoch (0: none), best state or None).
+        """
+        params = [{"params": list(self.head.parameters()), "lr": self.lr}]
+        if self.stage is not None:
+            params.append({"params": list(self.stage.parameters()), "lr": self.stage_lr})
+        optimiser = torch.optim.AdamW(params, weight_decay=self.weight_decay)
+        total_steps = max(1, epochs * math.ceil(len(cache) / self.batch_size))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
+        )
+        history: list[dict[str, float]] = []
+        best: tuple[float, float] = (-1.0, -math.inf)
+        best_epoch, best_state, wait = 0, None, 0
+        for epoch in range(1, epochs + 1):
+            self.head.train()
+            if self.stage is not None:
+                self.stage.train()
+            order = torch.randperm(len(cache), generator=self.generator)
+            losses = []
+            for start in range(0, len(order), self.batch_size):
+                if self.should_stop is not None and self.should_stop():
+                    raise FinetuneCancelled("fine-tuning cancelled")
+                batch = _shift_scale(cache.take(order[start : start + self.batch_size]), self.rng, self.aug)
+                loss = self.objective(self.heat(batch), batch.target, batch.valid, batch.present)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                losses.append(float(loss.detach()))
+            record = {"epoch": epoch, "loss": float(np.mean(losses))}
+            if held is not None:
+                held_loss, held_dice = self.evaluate(held)
+                record.update(heldout_loss=held_loss, heldout_dice=held_dice)
+                if (held_dice, -held_loss) > best:
+                    best, best_epoch, best_state, wait = (held_dice, -held_loss), epoch, self.state(), 0
+                else:
+                    wait += 1
+            history.append(record)
+            on_epoch(record)
+            if held is not None and wait >= patience and epoch >= min_epochs:
+                break
+        return history, best_epoch, best_state
+
+
+def _new_head(
+    model: AFLoc,
+    findings: list[str],
+    prompts: Sequence[str] | None,
+    width: int,
+    feature_dim: int,
+    head_resolution: int | None,
+    logit_scale: float,
+    unfreeze_last_stage: bool,
+) -> tuple[Adapter, TunedStage | None]:
+    """A fresh (zero-output) adapter on the model's device, and a copy of the last stage when it is tuned."""
+    adapter = create_adapter(model, findings, prompts, width=width, fine_width=max(8, width // 2), in_dim=feature_dim)
+    if head_resolution:
+        adapter.config.head_resolution = int(head_resolution)
+    adapter.config.logit_scale = logit_scale
+    adapter.config.unfreeze_last_stage = unfreeze_last_stage
+    adapter.head.to(model.device)
+    stage = TunedStage.from_encoder(model.model.image_encoder).to(model.device) if unfreeze_last_stage else None
+    return adapter, stage
+
+
 def finetune(
     model: AFLoc,
     examples: Sequence[Any],
@@ -268,6 +396,7 @@ def finetune(
     unfreeze_last_stage: bool = False,
     stage_lr: float = 1e-4,
     patience: int | None = None,
+    refit: bool = True,
     augment: AugmentConfig | None = None,
     seed: int = 0,
     out_dir: str | Path | None = None,
@@ -275,6 +404,11 @@ def finetune(
     should_stop: Callable[[], bool] | None = None,
 ) -> Adapter:
     """Fine-tune a segmentation head for ``finding`` on a few (image, mask) pairs; returns an :class:`Adapter`.
+
+    With >= 4 examples, one is held out: training stops early when its Dice stops improving (not
+    before half the epochs), and the best epoch count is kept; with ``refit`` (default) a fresh head
+    is then trained on every example for that many epochs, else the best held-out state is kept.
+    A held-out example whose Dice never beats its zero-shot Dice says nothing: the full schedule is used.
 
     Args:
         model: a loaded :class:`~afloc_engine.inference.AFLoc` (never modified).
@@ -288,11 +422,12 @@ def finetune(
         head_resolution: side R of the head's grid over the S x S canvas (default S / 4, >= 32).
         width, feature_dim: head channels; PCA channels per feature level (at most D).
         unfreeze_last_stage: also tune a copy of the encoder's last local stage (ResNet only; slower).
-        patience: epochs without held-out improvement before stopping (>= 4 examples; default 25%).
+        patience: epochs without held-out improvement before stopping (default: a quarter of the epochs).
+        refit: after early stopping, retrain on all examples (including the held-out one).
         seed: seeds initialisation, augmentation, the held-out pick and the batch order.
         out_dir: if given, the adapter is saved to ``out_dir/<finding>-<timestamp>/``.
-        progress: called with dicts ``{"phase": "encode"|"train", "step", "total", "epoch", "loss",
-            "heldout_dice", ...}``.
+        progress: called with dicts ``{"phase": "encode"|"train"|"refit", "step", "total", "epoch",
+            "loss", "heldout_dice", ...}``.
         should_stop: polled every step; True raises :class:`FinetuneCancelled` (nothing written).
 
     Raises:
@@ -300,6 +435,8 @@ def finetune(
             not binary or not the size of their image (named in the message). Nothing is written.
     """
     started = time.monotonic()
+    if model.config.spatial_dims != 2:
+        raise ConfigError("few-shot fine-tuning needs a 2D model (this one is 3D)")
     findings = [finding] if isinstance(finding, str) else list(finding)
     findings = [f.strip() for f in findings]
     parsed = parse_examples(examples, findings)
@@ -311,31 +448,25 @@ def finetune(
     rng = np.random.default_rng(seed)
     emit = progress or (lambda _event: None)
     dev = model.device
-    want_s8 = unfreeze_last_stage
+    head_args = (findings, prompts, width, feature_dim, head_resolution, logit_scale, unfreeze_last_stage)
 
     devices = [dev] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        adapter = create_adapter(
-            model, findings, prompts, width=width, fine_width=max(8, width // 2), in_dim=feature_dim
-        )
-        if head_resolution:
-            adapter.config.head_resolution = int(head_resolution)
-        adapter.config.logit_scale = logit_scale
-        adapter.config.unfreeze_last_stage = unfreeze_last_stage
-        stage = TunedStage.from_encoder(model.model.image_encoder).to(dev) if unfreeze_last_stage else None
-        head = adapter.head.to(dev)
+        adapter, stage = _new_head(model, *head_args)
         res = adapter.config.head_resolution
+        threshold = adapter.config.threshold
 
         held = _pick_heldout(parsed, findings, rng)
         train_ex = [ex for i, ex in enumerate(parsed) if i != held]
         held_ex = [parsed[held]] if held is not None else []
         n_views = views or _auto_views(len(train_ex))
         view_list = _make_views(model, train_ex, findings, n_views, rng, aug)
-        held_list = _make_views(model, held_ex, findings, 1, rng, aug)
-        n_views_total = len(view_list) + len(held_list)
+        # the held-out example: view 0 for early stopping, its other views only for the refit
+        held_list = _make_views(model, held_ex, findings, n_views if refit else 1, rng, aug)
         n_epochs = _auto_epochs(len(view_list), batch_size) if epochs is None else int(epochs)
-        total = n_views_total + n_epochs
+        refit_epochs_max = n_epochs if (held_list and refit) else 0
+        total = len(view_list) + len(held_list) + n_epochs + refit_epochs_max
         done_steps = 0
 
         def on_chunk(n: int) -> None:
@@ -345,106 +476,79 @@ def finetune(
             if should_stop is not None and should_stop():
                 raise FinetuneCancelled("fine-tuning cancelled")
 
+        def on_epoch(phase: str, n_total: int) -> Callable[[dict[str, float]], None]:
+            def report(record: dict[str, float]) -> None:
+                nonlocal done_steps
+                done_steps += 1
+                emit({"phase": phase, "step": done_steps, "total": total, "epochs": n_total, **record})
+
+            return report
+
         prompt_emb = model.embed_prompts(adapter.prompts).clone().float()
+        want_s8 = unfreeze_last_stage
         t_encode = time.monotonic()
-        cache = _encode_views(model, view_list, prompt_emb, res, want_s8, batch_size, on_chunk)
-        held_cache = (
+        raw = _encode_views(model, view_list, prompt_emb, res, want_s8, batch_size, on_chunk)
+        raw_held = (
             _encode_views(model, held_list, prompt_emb, res, want_s8, batch_size, on_chunk) if held_list else None
         )
-        head.fit_reduction(cache.shallow, "shallow")
-        head.fit_reduction(cache.deep, "deep")
-        cache = cache.reduce(head, want_s8)
-        held_cache = held_cache.reduce(head, want_s8) if held_cache is not None else None
+        adapter.head.fit_reduction(raw.shallow, "shallow")
+        adapter.head.fit_reduction(raw.deep, "deep")
+        cache = raw.reduce(adapter.head, want_s8)
+        held_eval = raw_held.take(torch.tensor([0])).reduce(adapter.head, want_s8) if raw_held is not None else None
         encode_s = time.monotonic() - t_encode
 
-        objective = _Objective(logit_scale, adapter.config.threshold, focal_weight)
-        params = [{"params": list(head.parameters()), "lr": lr}]
-        if stage is not None:
-            params.append({"params": list(stage.parameters()), "lr": stage_lr})
-        optimiser = torch.optim.AdamW(params, weight_decay=weight_decay)
-        steps_per_epoch = math.ceil(len(cache) / batch_size)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, n_epochs * steps_per_epoch))))
-        )
-        generator = torch.Generator().manual_seed(seed)
+        objective = _Objective(logit_scale, threshold, focal_weight)
 
-        def run_head(v: _Views) -> torch.Tensor:
-            deep = head.reduce(stage(v.deep), "deep") if stage is not None else v.deep
-            return v.zero_shot + head(v.shallow, deep, v.zero_shot, v.image)
+        def trainer(head: AdapterHead, tuned: TunedStage | None) -> _Trainer:
+            return _Trainer(
+                head, tuned, objective, threshold, lr, stage_lr, weight_decay, batch_size, seed, rng, aug, should_stop
+            )
 
-        def evaluate(v: _Views) -> tuple[float, float]:
-            head.eval()
-            if stage is not None:
-                stage.eval()
-            with torch.no_grad():
-                heat = run_head(v)
-                loss = float(objective(heat, v.target, v.valid, v.present))
-                dice = _dice(heat, v.target, v.valid, v.present, adapter.config.threshold)
-            return loss, dice
-
+        train_run = trainer(adapter.head, stage)
         originals = torch.tensor([i * n_views for i in range(len(train_ex))])
-        zs_train_dice = _dice(
-            cache.zero_shot[originals],
-            cache.target[originals],
-            cache.valid[originals],
-            cache.present[originals],
-            adapter.config.threshold,
-        )
-        zs_held = evaluate(held_cache) if held_cache is not None else None
-        history: list[dict[str, float]] = []
-        best = (-1.0, math.inf)
-        best_state: dict[str, Any] | None = None
-        best_epoch = 0
-        wait = 0
+        zs_train = _dice(cache.zero_shot[originals], cache.target[originals], cache.valid[originals],
+                         cache.present[originals], threshold)  # fmt: skip
+        zs_held = train_run.evaluate(held_eval) if held_eval is not None else None
         patience_epochs = patience if patience is not None else max(10, n_epochs // 4)
         t_train = time.monotonic()
-        stopped_early = False
-        for epoch in range(1, n_epochs + 1):
-            head.train()
-            if stage is not None:
-                stage.train()
-            order = torch.randperm(len(cache), generator=generator)
-            losses = []
-            for start in range(0, len(order), batch_size):
-                if should_stop is not None and should_stop():
-                    raise FinetuneCancelled("fine-tuning cancelled")
-                batch = _shift_scale(cache.take(order[start : start + batch_size]), rng, aug)
-                loss = objective(run_head(batch), batch.target, batch.valid, batch.present)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                schedule.step()
-                losses.append(float(loss.detach()))
-            record = {"epoch": epoch, "loss": float(np.mean(losses))}
-            if held_cache is not None:
-                held_loss, held_dice = evaluate(held_cache)
-                record.update(heldout_loss=held_loss, heldout_dice=held_dice)
-                if (held_dice, -held_loss) > (best[0], -best[1]):
-                    best, best_epoch, wait = (held_dice, held_loss), epoch, 0
-                    best_state = {
-                        "head": copy.deepcopy(head.state_dict()),
-                        "stage": copy.deepcopy(stage.state_dict()) if stage is not None else None,
-                    }
-                else:
-                    wait += 1
-            history.append(record)
-            done_steps += 1
-            emit({"phase": "train", "step": done_steps, "total": total, "epochs": n_epochs, **record})
-            if held_cache is not None and wait >= patience_epochs:
-                stopped_early = True
-                break
+        history, best_epoch, best_state = train_run.fit(
+            cache, n_epochs, held_eval, patience_epochs, math.ceil(n_epochs / 2), on_epoch("train", n_epochs)
+        )
         train_s = time.monotonic() - t_train
-        if best_state is not None:
-            head.load_state_dict(best_state["head"])
-            if stage is not None:
-                stage.load_state_dict(best_state["stage"])
-        head.eval()
-        final_train = evaluate(cache.take(originals))
+        informative = (
+            held_eval is not None
+            and best_state is not None
+            and history[best_epoch - 1]["heldout_dice"] > (zs_held[1] if zs_held else 0.0)
+        )
+        chosen_epochs = best_epoch if informative else len(history)
+        heldout_dice = history[best_epoch - 1]["heldout_dice"] if informative else None
+        refit_history: list[dict[str, float]] = []
+        refit_s = 0.0
+        if raw_held is not None and refit and chosen_epochs > 0:
+            # a fresh head on every example (the held-out one too) for the chosen number of epochs
+            t_refit = time.monotonic()
+            torch.manual_seed(seed + 1)
+            adapter, stage = _new_head(model, *head_args)
+            every = _cat_views(raw, raw_held)
+            adapter.head.fit_reduction(every.shallow, "shallow")
+            adapter.head.fit_reduction(every.deep, "deep")
+            refit_run = trainer(adapter.head, stage)
+            refit_history, _, _ = refit_run.fit(
+                every.reduce(adapter.head, want_s8), chosen_epochs, None, 0, 0, on_epoch("refit", chosen_epochs)
+            )
+            train_ex = train_ex + held_ex
+            originals = torch.cat([originals, torch.tensor([len(raw)])])
+            cache = every.reduce(adapter.head, want_s8)
+            train_run = refit_run
+            refit_s = time.monotonic() - t_refit
+        elif informative:
+            train_run.load(best_state)
+        final_train = train_run.evaluate(cache.take(originals))
+        adapter.head.eval()
 
-    adapter.head = head
     adapter.stage = stage.eval() if stage is not None else None
     adapter.example_ids = [ex.id for ex in train_ex]
-    adapter.heldout_ids = [ex.id for ex in held_ex]
+    adapter.heldout_ids = [ex.id for ex in held_ex] if not refit_history else []
     adapter.config.training = {
         "epochs": n_epochs,
         "views_per_example": n_views,
@@ -453,26 +557,32 @@ def finetune(
         "stage_lr": stage_lr if unfreeze_last_stage else None,
         "weight_decay": weight_decay,
         "focal_weight": focal_weight,
-        "patience": patience_epochs if held_cache is not None else None,
+        "patience": patience_epochs if held_eval is not None else None,
+        "refit": bool(refit_history),
         "seed": seed,
         "augment": aug.to_dict(),
     }
     adapter.metrics = {
         "n_examples": len(parsed),
         "n_train_examples": len(train_ex),
-        "n_cached_views": n_views_total,
+        "heldout_example": held_ex[0].id if held_ex else None,
+        "n_cached_views": len(view_list) + len(held_list),
         "epochs_run": len(history),
-        "best_epoch": best_epoch if held_cache is not None else len(history),
-        "stopped_early": stopped_early,
-        "train_dice_zero_shot": zs_train_dice,
+        "best_epoch": best_epoch if informative else None,
+        "heldout_informative": informative if held_eval is not None else None,
+        "refit_epochs": len(refit_history) if refit_history else None,
+        "train_dice_zero_shot": zs_train,
         "train_dice": final_train[1],
         "heldout_dice_zero_shot": zs_held[1] if zs_held else None,
-        "heldout_dice": best[0] if held_cache is not None and best_state is not None else None,
-        "dice_note": "Dice of heatmap > threshold on the head grid (R x R over the canvas), letterbox padding excluded",
+        "heldout_dice": heldout_dice,
+        "dice_note": "Dice of heatmap > threshold on the head grid (R x R over the canvas), letterbox padding "
+        "excluded; heldout_dice is that of the best epoch before the refit on all examples",
         "history": history,
+        "refit_history": refit_history,
         "seconds": {
             "encode": round(encode_s, 3),
             "train": round(train_s, 3),
+            "refit": round(refit_s, 3),
             "total": round(time.monotonic() - started, 3),
         },
         "device": str(dev),
@@ -481,3 +591,13 @@ def finetune(
     if out_dir is not None:
         adapter.save(out_dir)
     return adapter
+
+
+def _cat_views(a: _Views, b: _Views) -> _Views:
+    """Views of ``a`` then ``b``, as one cache."""
+    return _Views(
+        *(
+            None if getattr(a, f) is None else torch.cat([getattr(a, f), getattr(b, f)])
+            for f in _Views.__dataclass_fields__
+        )
+    )
