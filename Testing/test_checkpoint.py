@@ -41,7 +41,9 @@ def test_fp16_storage_round_trips_closely(tiny_model, tmp_path):
     save_model(tiny_model, tmp_path / "half", dtype=torch.float16)
     loaded, _ = load_model_folder(tmp_path / "half")
     w = dict(tiny_model.named_parameters())["image_encoder.deep_proj.weight"]
-    torch.testing.assert_close(dict(loaded.named_parameters())["image_encoder.deep_proj.weight"], w, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        dict(loaded.named_parameters())["image_encoder.deep_proj.weight"], w, atol=1e-3, rtol=1e-3
+    )
 
 
 def test_refuses_to_overwrite_and_leaves_no_temp_folders(tiny_model, saved):

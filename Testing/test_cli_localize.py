@@ -56,7 +56,10 @@ def test_localize_outputs_read_back_with_input_geometry(model_dir, radiograph, t
     folder = out / "chest"
     results = json.loads((folder / "results.json").read_text())
     assert results["threshold"] == 0.2 and results["trained"] is True
-    assert [p["prompt"] for p in results["prompts"]] == ["Findings suggesting pneumothorax", "Small left pleural effusion"]
+    assert [p["prompt"] for p in results["prompts"]] == [
+        "Findings suggesting pneumothorax",
+        "Small left pleural effusion",
+    ]
     assert all(0 <= p["probability"] <= 1 for p in results["prompts"])
     src = sitk.ReadImage(str(radiograph))
     heat = sitk.ReadImage(str(folder / results["prompts"][0]["heatmap"]))
@@ -77,8 +80,20 @@ def test_localize_outputs_read_back_with_input_geometry(model_dir, radiograph, t
 
 
 def test_json_progress_lines_for_a_gui(model_dir, radiograph, tmp_path, capsys):
-    code = main(["localize", str(radiograph), "--prompt", "edema", "--out", str(tmp_path / "o"), "--model",
-                 str(model_dir), "--progress", "json"])
+    code = main(
+        [
+            "localize",
+            str(radiograph),
+            "--prompt",
+            "edema",
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            str(model_dir),
+            "--progress",
+            "json",
+        ]
+    )
     assert code == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [e["event"] for e in lines] == ["progress", "done"]
@@ -96,8 +111,21 @@ def test_bad_input_exits_2_and_writes_nothing(model_dir, radiograph, tmp_path, c
     bad = tmp_path / "bad.png"
     make(bad)
     out = tmp_path / "out"
-    code = main(["localize", str(radiograph), str(bad), "--prompt", "edema", "--out", str(out), "--model",
-                 str(model_dir), "--progress", "none"])
+    code = main(
+        [
+            "localize",
+            str(radiograph),
+            str(bad),
+            "--prompt",
+            "edema",
+            "--out",
+            str(out),
+            "--model",
+            str(model_dir),
+            "--progress",
+            "none",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and str(bad) in err

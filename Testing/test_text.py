@@ -44,7 +44,9 @@ def test_word_features_sum_pieces_and_padding_never_leaks(tiny_model):
     enc = tiny_model.text_encoder
     with torch.no_grad():
         alone = enc.encode(["Small left pleural effusion"])
-        batched = enc.encode(["Small left pleural effusion", "A much longer report. With two sentences about the heart."])
+        batched = enc.encode(
+            ["Small left pleural effusion", "A much longer report. With two sentences about the heart."]
+        )
         # the first report's features do not change when padded next to a longer one
         n = int(alone.word_mask.sum())
         torch.testing.assert_close(batched.words[0, :n], alone.words[0, :n], atol=1e-4, rtol=1e-4)

@@ -153,7 +153,7 @@ def read_config(folder: str | Path) -> tuple[AFLocConfig, ModelInfo]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"config is not valid JSON: {err}", path) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data:
-        raise CheckpointError(f"not an AFLoc model config (expected \"format\": \"{FORMAT}\")", path)
+        raise CheckpointError(f'not an AFLoc model config (expected "format": "{FORMAT}")', path)
     if int(data.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"written by a newer afloc_engine (format {data['format_version']})", path)
     config = AFLocConfig.from_dict(data["model"], path)

@@ -11,7 +11,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-ImageInput = Union[str, Path, np.ndarray, ImageData]
+ImageInput = str | Path | np.ndarray | ImageData
 
 UNTRAINED_WARNING = (
     "UNTRAINED MODEL: the default model's weights are random; heatmaps and probabilities mean nothing. "

@@ -83,7 +83,9 @@ def write_segmentation(image: ImageData, masks: np.ndarray, names: list[str], pa
     seg = slicerio.create_segmentation(shape_ijk, ijk_to_lps(image))
     for i, (mask, name) in enumerate(zip(vol, names)):
         color = SEGMENT_COLORS[i % len(SEGMENT_COLORS)]
-        slicerio.add_segment(seg, np.transpose(mask, (2, 1, 0)), {"id": f"Segment_{i + 1}", "name": name, "color": color})
+        slicerio.add_segment(
+            seg, np.transpose(mask, (2, 1, 0)), {"id": f"Segment_{i + 1}", "name": name, "color": color}
+        )
     seg["containedRepresentationNames"] = ["Binary labelmap"]
     slicerio.write_segmentation(str(path), seg)
 
@@ -99,7 +101,9 @@ def heat_colormap(values: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(v, HEAT_STOPS[:, 0], HEAT_STOPS[:, c]) for c in (1, 2, 3)], axis=-1)
 
 
-def overlay_rgb(grey: np.ndarray, heatmap: np.ndarray, mask: np.ndarray | None = None, alpha: float = 0.55) -> np.ndarray:
+def overlay_rgb(
+    grey: np.ndarray, heatmap: np.ndarray, mask: np.ndarray | None = None, alpha: float = 0.55
+) -> np.ndarray:
     """(H, W) uint8 RGB overlay: the image in grey, the heatmap's positive part in heat colours, mask outline."""
     base = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
     strength = np.clip(heatmap, 0, 1)[..., None]
@@ -158,7 +162,9 @@ def write_results(
             fname = f"heatmap_{name}.nrrd"
             write_heatmap(result.image, heat, tmp / fname)
             files["heatmaps"][prompt] = fname
-        write_segmentation(result.image, result.masks, [finding_of(p) for p in result.prompts], tmp / files["segmentation"])
+        write_segmentation(
+            result.image, result.masks, [finding_of(p) for p in result.prompts], tmp / files["segmentation"]
+        )
         if overlay:
             write_overlay_png(result.image, result.heatmaps, result.masks, result.prompts, tmp / "overlay.png")
             files["overlay"] = "overlay.png"

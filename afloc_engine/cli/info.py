@@ -40,8 +40,11 @@ def describe(model_name: str, device: str) -> dict:
         "card_summary": card,
         "sha256": model.info.sha256 or None,
         "sha256_check": (
-            "verified (manifest or install record)" if expected and model.info.sha256 == expected
-            else "no manifest checksum" if folder is not None else "no weights"
+            "verified (manifest or install record)"
+            if expected and model.info.sha256 == expected
+            else "no manifest checksum"
+            if folder is not None
+            else "no weights"
         ),
         "backbone": c.backbone,
         "text_model": c.text_model,

@@ -12,7 +12,9 @@ from afloc_engine.progress import Progress, emit
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", type=Path, help="images: DICOM file or series folder, PNG/JPEG, NRRD, NIfTI")
+    parser.add_argument(
+        "inputs", nargs="+", type=Path, help="images: DICOM file or series folder, PNG/JPEG, NRRD, NIfTI"
+    )
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); free text is fine")
     parser.add_argument("--preset", help="add a preset prompt list (cxr: 13 findings + ground-glass opacity)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per input)")
@@ -22,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dicom-seg", action="store_true", help="for DICOM inputs, also write a DICOM SEG (highdicom)")
     parser.add_argument("--axis", type=int, default=0, help="for volumes: slice axis in (Z, Y, X) array order")
     parser.add_argument("--volume-normalization", choices=("volume", "slice"), default="volume")
+    parser.add_argument("--adapter", type=Path, default=None, help="few-shot adapter folder (afloc finetune) to apply")
     add_model_arguments(parser)
     add_progress_argument(parser)
 
@@ -61,6 +64,14 @@ def run(args: argparse.Namespace) -> int:
         model = afloc_engine.load_model(args.model, args.device)
     except ValueError as err:
         raise AFLocError(str(err)) from None
+    adapter = None
+    if args.adapter is not None:
+        from afloc_engine.finetune import load_adapter
+
+        adapter = load_adapter(args.adapter, model)
+        for path, image in zip(args.inputs, images):
+            if image.is_volume:
+                raise AFLocError("adapters apply to 2D images only", path)
     args.out.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     written = []
@@ -71,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                     image, prompts, args.threshold, axis=args.axis, normalization=args.volume_normalization
                 )
             else:
-                result = model.localize(image, prompts, args.threshold, similarity=args.similarity)
+                result = model.localize(image, prompts, args.threshold, similarity=args.similarity, adapter=adapter)
             out_dir = write_results(result, args.out / output_name(path, taken), overlay=not args.no_overlay)
             if args.dicom_seg and (image.meta.get("sop_instance_uid") or (path.is_dir() and image.is_volume)):
                 from afloc_engine.dicom_seg import write_dicom_seg

@@ -38,7 +38,6 @@ def _resize_jpeg(src: Path, dst: Path, size: int, quality: int = 90) -> None:
 
 
 def pack_runtime() -> None:
-    import torch
     from safetensors.torch import save_file
 
     out = CARRY / "runtime"
@@ -53,20 +52,37 @@ def pack_runtime() -> None:
     for f in src.iterdir():
         if f.is_file() and f.name != "model.safetensors":
             shutil.copy2(f, text / f.name)
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(src / "model.safetensors")).items()}
+    state = {
+        k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(src / "model.safetensors")).items()
+    }
     save_file(state, str(text / "model.safetensors"), metadata={"format": "pt"})
     # ImageNet EfficientNet-Lite0 weights as fp16 safetensors
     from afloc_engine.models.image_encoder import _efficientnet_lite_weights
 
     (out / "backbones").mkdir()
     for name in ("efficientnet-lite0",):
-        w = {k: v.half().contiguous() if v.is_floating_point() else v for k, v in _efficientnet_lite_weights(name).items()}
+        w = {
+            k: v.half().contiguous() if v.is_floating_point() else v
+            for k, v in _efficientnet_lite_weights(name).items()
+        }
         save_file(w, str(out / "backbones" / f"{name}.safetensors"))
     # wheels the GPU image lacks (pure Python)
     wheels = out / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), "monai==1.6.1",
-         "efficientnet-lite-pytorch==0.1.0", "pynrrd", "slicerio"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            "-d",
+            str(wheels),
+            "monai==1.6.1",
+            "efficientnet-lite-pytorch==0.1.0",
+            "pynrrd",
+            "slicerio",
+        ],
         check=True,
     )
     _report(out)
@@ -113,7 +129,9 @@ def pack_data(n_backgrounds: int = 1400) -> None:
 
 def _report(folder: Path) -> None:
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    print(json.dumps({"folder": str(folder), "files": sum(1 for _ in folder.rglob("*")), "MiB": round(size / 2**20, 1)}))
+    print(
+        json.dumps({"folder": str(folder), "files": sum(1 for _ in folder.rglob("*")), "MiB": round(size / 2**20, 1)})
+    )
 
 
 if __name__ == "__main__":
