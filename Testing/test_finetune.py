@@ -15,7 +15,7 @@ from PIL import Image
 import afloc_engine
 from afloc_engine.checkpoint import ModelInfo, save_model, sha256_file
 from afloc_engine.errors import CheckpointError, DataError, PromptError
-from afloc_engine.finetune import create_adapter, finetune, load_adapter
+from afloc_engine.finetune import FinetuneCancelled, create_adapter, finetune, load_adapter
 from afloc_engine.inference import AFLoc, load_model
 
 PROMPT = "Findings suggesting blob"
@@ -244,6 +244,21 @@ def test_bad_mask_file_names_the_file_and_writes_nothing(tiny_afloc, examples, t
         finetune(tiny_afloc, [(examples[1][0], examples[1][1]), (img_path, bad)], "blob", out_dir=out)
     assert err.value.path == bad
     assert not out.exists()
+
+
+def test_should_stop_cancels_and_writes_nothing(tiny_afloc, examples, tmp_path):
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) > 5
+
+    events = []
+    with pytest.raises(FinetuneCancelled):
+        finetune(tiny_afloc, examples[:2], "blob", epochs=50, out_dir=tmp_path / "a", should_stop=stop,
+                 progress=events.append)  # fmt: skip
+    assert not (tmp_path / "a").exists()
+    assert events and all(e["step"] <= e["total"] for e in events)
 
 
 def test_fewer_than_one_example(tiny_afloc, tmp_path):

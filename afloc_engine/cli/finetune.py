@@ -85,9 +85,11 @@ def run(args: argparse.Namespace) -> int:
             unfreeze_last_stage=args.unfreeze_last_stage,
             progress=report,
         )
-        if progress is not None:
-            progress.close()
         path = adapter.save(args.out)
+        if progress is not None:
+            if progress.step < progress.total:  # early stopping ends before the planned total
+                progress.update(progress.total - progress.step, message="saved")
+            progress.close()
     except _Terminated:
         return _cancelled(args, progress, 143, "terminated")
     except KeyboardInterrupt:

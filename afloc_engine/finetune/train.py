@@ -536,7 +536,7 @@ def finetune(
             refit_history, _, _ = refit_run.fit(
                 every.reduce(adapter.head, want_s8), chosen_epochs, None, 0, 0, on_epoch("refit", chosen_epochs)
             )
-            train_ex = train_ex + held_ex
+            train_ex = parsed if len(train_ex) + 1 == len(parsed) else train_ex + held_ex
             originals = torch.cat([originals, torch.tensor([len(raw)])])
             cache = every.reduce(adapter.head, want_s8)
             train_run = refit_run
