@@ -71,7 +71,7 @@ def test_trainer_runs_on_cuda_with_bf16_and_channels_last(tmp_path):
     cfg = base_config(
         make_pairs(tmp_path / "d", n=8),
         model={"text_model": folder},
-        optim={"batch_size": 4, "max_steps": 3, "lr": 1e-4},
+        optim={"batch_size": 4, "epochs": 2, "max_steps": 3, "lr": 1e-4},
         runtime={"device": "cuda", "precision": "bf16", "channels_last": True},
     )
     final = Trainer(config_from_dict(cfg), tmp_path / "run", progress="none").fit()

@@ -136,6 +136,20 @@ class PairDataset(torch.utils.data.Dataset):
         return Sample(x, sentences, record.text, index)
 
 
+def tokens_to(tokens: TokenizedReports, device: torch.device) -> TokenizedReports:
+    """Move token tensors to ``device`` but keep the (B,) counts on the CPU: the text encoder reads
+    their maximum with ``int()``, which on a GPU tensor would stall the host once per batch."""
+    non_blocking = device.type == "cuda"
+    return TokenizedReports(
+        tokens.input_ids.to(device, non_blocking=non_blocking),
+        tokens.attention_mask.to(device, non_blocking=non_blocking),
+        tokens.word_index.to(device, non_blocking=non_blocking),
+        tokens.sentence_index.to(device, non_blocking=non_blocking),
+        tokens.n_words.cpu(),
+        tokens.n_sentences.cpu(),
+    )
+
+
 class Batch(NamedTuple):
     """A collated batch: images (B, C, S, S), tokens, the report texts, dataset indices (B,)."""
 

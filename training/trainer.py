@@ -44,7 +44,7 @@ from afloc_engine.progress import Progress, emit
 from training import distributed as D
 from training.config import SourceConfig, TrainConfig, save_config
 from training.data import PairRecord, load_source, split_by_patient
-from training.dataset import Batch, Collate, GlobalBatchSampler, PairDataset, sample_seed
+from training.dataset import Batch, Collate, GlobalBatchSampler, PairDataset, sample_seed, tokens_to
 from training.loss import training_loss
 from training.state import (
     latest_checkpoint,
@@ -398,6 +398,7 @@ class Trainer:
         self.device = resolve_train_device(c.runtime.device, self.dist, c.source)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            keep_local_loss_intermediates(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = not c.runtime.deterministic
@@ -541,9 +542,9 @@ class Trainer:
         c = self.config
         fmt = torch.channels_last if c.runtime.channels_last and self.device.type == "cuda" else torch.contiguous_format
         images = batch.images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
-        tokens = batch.tokens.to(self.device)
+        tokens = tokens_to(batch.tokens, self.device)
         extra = self._negatives(epoch, micro)
-        extra = extra.to(self.device) if extra is not None else None
+        extra = tokens_to(extra, self.device) if extra is not None else None
         need_context = self.target_fn is not None or bool(self.extra_losses)
         context = self._context(batch) if need_context else None
         targets = self.target_fn(context) if self.target_fn is not None else None
@@ -606,6 +607,17 @@ class Trainer:
             metrics.validation(self.global_step, epoch + 1, results)
             self._log(f"validation epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         D.barrier(self.dist)
+
+
+def keep_local_loss_intermediates(device: torch.device, bytes_per_element: int = 20) -> int:
+    """On a GPU, let autograd keep the local losses' intermediates when they fit in its memory (fast),
+    and recompute chunk by chunk in backward only beyond (memory-lean); returns the element budget."""
+    from afloc_engine.losses import set_save_elements
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget = int(total // bytes_per_element)
+    set_save_elements(budget)
+    return budget
 
 
 def _auto_type(config: TrainConfig) -> str:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from afloc_engine.models import AFLocModel
-from training.dataset import Collate, PairDataset
+from training.dataset import Collate, PairDataset, tokens_to
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def retrieval_metrics(
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             with autocast or nullcontext():
                 img = model.encode_images(batch.images.to(device))
-                txt = model.encode_text(batch.tokens.to(device))
+                txt = model.encode_text(tokens_to(batch.tokens, device))
             images.append(img.global_.float())
             reports.append(txt.report.float())
             texts.extend(batch.texts)
