@@ -245,6 +245,11 @@ def markdown(result: dict) -> str:
         "| k | draws | eval images | zero-shot Dice | fine-tune Dice | U-Net (scratch) Dice | fine-tune s | U-Net s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    if not result["model_trained"]:
+        lines[1:1] = [
+            "",
+            "**The model is untrained (random weights): these numbers only check that the pipeline runs.**",
+        ]
     for e in result["summary"]:
         lines.append(
             f"| {e['k']} | {e['draws']} | {e['n_eval_mean']:.0f} | {_fmt(e['zero_shot_dice'])} "
