@@ -143,6 +143,9 @@ def test_several_findings_in_one_call(tiny_afloc):
     assert not np.array_equal(tuned.heatmaps[0], plain.heatmaps[0])
     assert not np.array_equal(tuned.heatmaps[1], plain.heatmaps[1])
     assert np.array_equal(tuned.heatmaps[2], plain.heatmaps[2])  # not an adapter finding: zero-shot
+    # asking for one finding gives the same map as asking for both (every zero-shot input is computed)
+    alone = tiny_afloc.localize(i1, "Findings suggesting hole", adapter=adapter)
+    np.testing.assert_allclose(alone.heatmaps[0], tuned.heatmaps[1], atol=1e-5)
     with pytest.raises(DataError, match="not among the findings"):
         finetune(tiny_afloc, [(i1, {"tumour": m1})], ["blob", "hole"])
 

@@ -393,8 +393,8 @@ def localize_with_adapter(
         )
     if similarity is not None and similarity != adapter.config.similarity:
         raise ConfigError(f"this adapter was trained on {adapter.config.similarity} similarity maps, not {similarity}")
-    used = sorted({m for m in matches if m is not None})
-    extra = [adapter.prompts[j] for j in used if adapter.prompts[j] not in prompts]
+    # every finding's zero-shot map is a head input, so all of them are computed (not only those asked for)
+    extra = [p for p in adapter.prompts if p not in prompts]
     all_prompts = prompts + extra
     all_negatives = None
     if negative_prompts:
@@ -408,19 +408,16 @@ def localize_with_adapter(
         batch = torch.stack([model.prepare(r.image)[0] for r in base]).to(model.device)
         tap = encode(model.model.image_encoder, batch, want_s8)
     res = adapter.config.head_resolution
-    zs_index = [all_prompts.index(adapter.prompts[j]) if j in used else None for j in range(len(adapter.findings))]
+    zs_index = [all_prompts.index(p) for p in adapter.prompts]
     out = []
     with torch.inference_mode():
         head_image = image_channel(tap.inputs, res)
         for i, r in enumerate(base):
             h, w = r.heatmaps.shape[-2:]
             box = Letterbox.fit(h, w, model.config.image_size)
-            zs = torch.zeros(len(adapter.findings), h, w, device=model.device)
-            for j, k in enumerate(zs_index):
-                if k is not None:
-                    zs[j] = torch.from_numpy(r.heatmaps[k]).to(model.device)
+            zs = torch.from_numpy(r.heatmaps[zs_index]).to(model.device)
             zs_head = image_maps_to_head(zs, box, res)[None]
-            s8 = tap.s8[i : i + 1] if want_s8 else None
+            s8 = tap.s8[i : i + 1].float() if want_s8 else None
             delta = adapter.correction(
                 tap.features.shallow[i : i + 1].float(),
                 tap.features.deep[i : i + 1].float(),
