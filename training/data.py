@@ -133,14 +133,19 @@ def write_manifest(records: list[PairRecord], path: str | Path) -> Path:
 
 
 # --- covid-cxr -----------------------------------------------------------------------------------
-def read_covid(root: str | Path) -> tuple[list[PairRecord], list[Skipped]]:
-    """``covid-cxr/pairs.csv`` (image, text = clinical note, patient_id, split); empty notes are skipped."""
+def read_covid(root: str | Path, split: str | None = None) -> tuple[list[PairRecord], list[Skipped]]:
+    """``covid-cxr/pairs.csv`` (image, text = clinical note, patient_id, split); empty notes are skipped.
+
+    With ``split``, rows of other splits are left out silently (they are not skipped rows).
+    """
     root = Path(root)
     table = root / "pairs.csv"
     if not table.is_file():
         raise DataError("no pairs.csv in the covid-cxr root", root)
     records, skipped = [], []
     for where, row in _read_rows(table):
+        if split is not None and row.get("split", "") != split:
+            continue
         rid = row.get("image_id") or Path(row.get("image", "")).stem
         text = (row.get("text") or "").strip()
         image = root / (row.get("image") or "")
@@ -333,7 +338,7 @@ def load_source(
     if fmt == "manifest":
         records, skipped = read_manifest(path, root)
     elif fmt == "covid":
-        records, skipped = read_covid(path)
+        records, skipped = read_covid(path, split)
     elif fmt == "nih":
         records, skipped = read_nih(path)
     elif fmt == "mimic":

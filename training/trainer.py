@@ -238,10 +238,10 @@ class Trainer:
             writer = csv.writer(fh)
             writer.writerow(["where", "reason"])
             writer.writerows(skipped)
-        for where, reason in skipped[:50]:
+        for where, reason in skipped[:20]:
             self._log(f"skipped: {where}: {reason}")
-        if len(skipped) > 50:
-            self._log(f"skipped: ... and {len(skipped) - 50} more (skipped.csv)")
+        if len(skipped) > 20:
+            self._log(f"skipped: ... and {len(skipped) - 20} more (skipped.csv)")
 
     def _build_model(self) -> None:
         c, mc = self.config, self.model_config
