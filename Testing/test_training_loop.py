@@ -192,3 +192,38 @@ def test_target_fn_and_extra_losses_hooks(tmp_path):
     extra = _metrics(tmp_path / "extra")
     assert float(extra[0]["extra_norm"]) > 0
     assert float(extra[0]["loss"]) == pytest.approx(float(plain[0]["loss"]) + float(extra[0]["extra_norm"]))
+
+
+def test_cli_check_and_prepare(tmp_path, capsys):
+    from afloc_engine.cli import main
+
+    manifest = make_pairs(tmp_path / "d", n=5, bad=(1,))
+    cfg = base_config(manifest, data={"store": str(tmp_path / "store")})
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["train", "check", "--config", str(path)]) == 0
+    assert "5 training pairs" in capsys.readouterr().out  # the broken image is found when decoding
+    assert main(["train", "prepare", "--config", str(path), "--progress", "none"]) == 0
+    index = json.loads((tmp_path / "store" / "index.json").read_text())
+    assert index["count"] == 4 and len(index["skipped"]) == 1
+    del cfg["data"]["store"]
+    path.write_text(json.dumps(cfg))
+    assert main(["train", "prepare", "--config", str(path), "--progress", "none"]) == 2
+    assert "give --store" in capsys.readouterr().err
+
+
+@pytest.mark.shared_data
+def test_localisation_metrics_on_covid_dev_masks(shared_data, tiny_model):
+    from training.validation import localisation_metrics
+
+    prompts = {"ground_glass_opacity": "Findings suggesting ground glass opacity"}
+    out = localisation_metrics(tiny_model, shared_data / "covid-cxr", prompts, torch.device("cpu"), limit=2)
+    assert set(out) == {
+        "ground_glass_opacity_iou",
+        "ground_glass_opacity_dice",
+        "ground_glass_opacity_cnr",
+        "mean_iou",
+        "mean_cnr",
+    }
+    assert 0 <= out["mean_iou"] <= 1 and out["ground_glass_opacity_cnr"] >= 0
+    assert not tiny_model.training
