@@ -147,7 +147,7 @@ def test_missing_data_root_no_usable_rows_and_absent_gpu_fail_before_any_work(tm
         cfg = base_config(manifest, runtime={"device": "cuda"})
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             Trainer(_config(cfg), run, progress="none").fit()
-    assert not run.exists() or not any((run / "checkpoints").glob("step-*"))
+    assert not run.exists()  # nothing written
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         Trainer(_config(base_config(manifest)), tmp_path / "fresh", resume=True, progress="none").fit()
 

@@ -192,10 +192,17 @@ class Trainer:
             with (self.run_dir / "log.txt").open("a") as fh:
                 fh.write(message.rstrip() + "\n")
 
+    def _load_sources(self) -> None:
+        """Read every source (no usable row in one: a DataError before the run folder is made)."""
+        c = self.config
+        self._train_records = load_records(c.data.train)
+        self._val_records = load_records(c.data.val) if c.data.val else ([], [])
+        self._negative_records = load_records(c.data.text_negatives) if c.data.negatives_per_step else ([], [])
+
     def _setup_data(self) -> None:
         c = self.config
-        records, skipped = load_records(c.data.train)
-        val_records, val_skipped = load_records(c.data.val) if c.data.val else ([], [])
+        records, skipped = self._train_records
+        val_records, val_skipped = self._val_records
         all_records = records + val_records
         store_dir = Path(c.data.store) if c.data.store else self.run_dir / "store"
         if self.dist.is_main:
@@ -223,7 +230,7 @@ class Trainer:
         )
         self.negatives: list[PairRecord] = []
         if c.data.negatives_per_step:
-            self.negatives, neg_skipped = load_records(c.data.text_negatives)
+            self.negatives, neg_skipped = self._negative_records
             skipped += neg_skipped
         all_skipped = skipped + val_skipped + [tuple(s) for s in self.store.skipped]
         if self.dist.is_main:
@@ -408,6 +415,7 @@ class Trainer:
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        self._load_sources()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "checkpoints").mkdir(exist_ok=True)
