@@ -14,10 +14,12 @@ reports of ~60 words in 7 sentences (97 tokens at most, as the reference).
 Variants: ``native224`` feeds 224 px to the encoder (grids 28/14/7); ``ref299`` upsamples to 299
 inside the encoder as the reference does (grids 38/19/10; the default AFLocConfig). The ceiling is
 the same ResNet-50 trained alone (global feature, no text, no local losses). ``naive-loss`` is the
-straightforward fully batched local loss (every B x B x N x M intermediate kept for backward) for
-comparison with the engine's memory-lean one. The breakdown times the phases of one step with a
-device synchronisation between them (image forward, text forward, each loss level forward,
-backward, optimizer).
+straightforward fully batched local loss (every B x B x N x M intermediate kept for backward), for
+comparison with the engine's kernel; ``lean`` forces the engine's recompute-in-backward path;
+``compile`` compiles the image encoder and the local-loss kernel, ``compile+text`` also the text
+transformer (not yet measured on a GPU). The breakdown times the phases of one step with a device
+synchronisation between them (image forward, text forward, each loss level forward, backward,
+optimizer).
 """
 
 from __future__ import annotations
@@ -154,6 +156,8 @@ class Bench:
 
             self.image_encoder.compile()
             compile_local_similarity(True)
+            if compile_ == "text" and not image_only:  # the small text transformer is launch-bound in eager
+                self.model.text_encoder.transformer.compile(dynamic=True)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(
             self.params, lr=2e-5, betas=(0.5, 0.999), weight_decay=1e-6, fused=device.type == "cuda"
@@ -245,6 +249,8 @@ class Bench:
 
 def measure(name, device, batch, args, text_folder, results, **kw):
     """Build, time and record one variant (an out-of-memory is recorded, not fatal)."""
+    if args.only and name not in args.only:
+        return None
     encoder_input = None if "native" in name else 299
     bench = None
     row = {"device": device.type, "variant": name, "batch": batch, "encoder_px": encoder_input or args.image_size}
@@ -277,8 +283,8 @@ def measure(name, device, batch, args, text_folder, results, **kw):
             row["breakdown_ms"] = bench.breakdown(max(3, steps // 2))
     except torch.OutOfMemoryError as err:
         row["error"] = f"out of memory: {str(err).splitlines()[0][:120]}"
-    except RuntimeError as err:
-        row["error"] = str(err).splitlines()[0][:200]
+    except Exception as err:  # a variant that fails (e.g. a compiler error) is recorded, not fatal
+        row["error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
     finally:
         bench = None
         losses.set_save_elements(saved_policy)
@@ -303,6 +309,7 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="also time torch.compile variants")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive fully batched local loss")
     parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--only", type=lambda v: v.split(","), default=None, help="comma-separated variant names")
     parser.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", ".")) / "train_throughput.json")
     args = parser.parse_args(argv)
 
@@ -337,6 +344,7 @@ def main(argv=None):
             measure("afloc native224 compile", dev, b, args, text_folder, results, compile_=True, breakdown=True)
             measure("afloc native224 compile lean", dev, b, args, text_folder, results, compile_=True, lean=True)
             measure("afloc ref299 compile", dev, b, args, text_folder, results, compile_=True, breakdown=True)
+            measure("afloc native224 compile+text", dev, b, args, text_folder, results, compile_="text")
     if args.device in ("all", "cpu"):
         cpu = torch.device("cpu")
         measure("image-only native224", cpu, args.cpu_batch, args, text_folder, results, image_only=True)

@@ -121,6 +121,8 @@ class RuntimeConfig:
     channels_last: bool = True
     compile: bool = False
     """torch.compile the image encoder and the local-loss kernel (GPU)."""
+    compile_text: bool = False
+    """Also torch.compile the text transformer (dynamic sequence length; not yet measured on a GPU)."""
     seed: int = 0
     sync_batchnorm: bool = True
     """SyncBatchNorm under multi-GPU DDP (batch statistics over the global batch)."""

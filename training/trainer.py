@@ -286,6 +286,8 @@ class Trainer:
 
             self.model.image_encoder.compile()
             compile_local_similarity(True)
+        if c.runtime.compile_text:
+            self.model.text_encoder.transformer.compile(dynamic=True)  # report lengths vary per batch
         net = _Net(self.model)
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
