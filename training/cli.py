@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.required = True
 
     def common(p: argparse.ArgumentParser, config_required: bool) -> None:
+        """--config, --set and --progress."""
         p.add_argument("--config", type=Path, required=config_required, help="YAML or JSON training config")
         p.add_argument(
             "--set",

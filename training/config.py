@@ -43,6 +43,8 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    """Where the pairs come from, the prepared store, the masks dataset and the loader workers."""
+
     train: list[SourceConfig] = field(default_factory=list)
     val: list[SourceConfig] = field(default_factory=list)
     """Held-out pairs for retrieval recall@k; empty: ``val_fraction`` of the training patients."""
@@ -64,6 +66,8 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
+    """Image augmentation (MONAI) and report augmentation (sentence sub-sampling and shuffling)."""
+
     image: bool = True
     crop_scale: tuple[float, float] = (0.8, 1.0)
     """Random resized crop: fraction of the store image's area kept."""
@@ -80,6 +84,8 @@ class AugmentConfig:
 
 @dataclass
 class OptimConfig:
+    """The optimiser recipe; defaults are the reference (Adam 2e-5, x0.9 per epoch, batch 128, clip 0.25)."""
+
     lr: float = 2e-5
     betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 1e-6
@@ -102,6 +108,8 @@ class OptimConfig:
 
 @dataclass
 class FreezeConfig:
+    """What stays fixed during training."""
+
     text_encoder: bool = False
     """Freeze the whole transformer (its projection still trains); the checkpoint then omits it."""
     text_layers: int = 0
@@ -114,6 +122,8 @@ class FreezeConfig:
 
 @dataclass
 class RuntimeConfig:
+    """Device, precision and speed settings."""
+
     device: str = "auto"
     """auto, cpu, cuda or cuda:N (under torchrun each process takes cuda:LOCAL_RANK)."""
     precision: str = "auto"
@@ -131,6 +141,8 @@ class RuntimeConfig:
 
 @dataclass
 class LogConfig:
+    """Metrics, checkpoints and validation."""
+
     every: int = 10
     """Write a metrics row every this many optimizer steps."""
     checkpoint_every: int = 0
@@ -150,6 +162,8 @@ class LogConfig:
 
 @dataclass
 class TrainConfig:
+    """The whole training configuration (see the module docstring for its sections)."""
+
     model: dict[str, Any] = field(default_factory=dict)
     init: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -166,6 +180,7 @@ class TrainConfig:
         return AFLocConfig.from_dict(dict(self.model), self.source)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (what config.yaml holds)."""
         data = dataclasses.asdict(self)
         data.pop("source", None)
         return data

@@ -41,6 +41,7 @@ class PairRecord:
     source: str = ""
 
     def to_dict(self) -> dict:
+        """Plain dict (what the store index holds)."""
         return asdict(self)
 
 

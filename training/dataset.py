@@ -89,6 +89,8 @@ def resize_plain(image: np.ndarray, size: int) -> torch.Tensor:
 
 
 class Sample(NamedTuple):
+    """One item: image (C, S, S) normalised, report as sentences of words, the raw text, store index."""
+
     image: torch.Tensor
     report: list[list[str]]
     text: str
@@ -116,6 +118,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Augmentation of the coming epoch (seeded by epoch and sample)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -166,6 +169,7 @@ class Collate:
         self.tok = SimpleNamespace(tokenizer=text_encoder.tokenizer, config=text_encoder.config)
 
     def tokenize(self, reports: list) -> TokenizedReports:
+        """Reports (strings or sentences of words) -> TokenizedReports (CPU)."""
         return TextEncoder.tokenize(self.tok, reports)  # the engine's tokenisation, not a copy
 
     def __call__(self, samples: list[Sample]) -> Batch:
@@ -201,6 +205,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Order of ``epoch``, starting at global batch ``start_step``."""
         self.epoch, self.start_step = epoch, start_step
 
     def steps_per_epoch(self) -> int:

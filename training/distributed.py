@@ -22,10 +22,12 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that writes the run folder."""
         return self.rank == 0
 
     @property
     def enabled(self) -> bool:
+        """More than one process."""
         return self.world > 1
 
 
@@ -49,6 +51,7 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Leave the process group (no-op for one process)."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -121,5 +124,6 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:  # noqa: ANN401
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op for one process)."""
     if info.enabled:
         dist.barrier(group=info.group)

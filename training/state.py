@@ -76,6 +76,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    """Inverse of :func:`optimizer_state`."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer/"):
@@ -162,6 +163,7 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
 
 
 def is_complete(folder: Path) -> bool:
+    """A checkpoint folder with its model and both training-state files."""
     return (
         folder.is_dir()
         and (folder / STATE_JSON).is_file()

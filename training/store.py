@@ -168,6 +168,7 @@ class Store:
 
     @property
     def array(self) -> np.memmap:
+        """(N, S, S) uint8 memory map, opened on first use."""
         if self._array is None:
             self._array = np.memmap(
                 self.folder / IMAGES_FILE, dtype=np.uint8, mode="r", shape=(len(self.records), self.size, self.size)

@@ -682,6 +682,7 @@ class _MetricsWriter:
             writer.writerow(row)
 
     def train(self, step: int, epoch: int, values: dict[str, float]) -> None:
+        """One metrics.csv row (and TensorBoard scalars)."""
         if not self.active:
             return
         row = {"step": step, "epoch": epoch, **{k: values.get(k, "") for k in self.TRAIN[2:]}}
@@ -693,6 +694,7 @@ class _MetricsWriter:
             self.writer.flush()
 
     def validation(self, step: int, epoch: int, values: dict[str, float]) -> None:
+        """One validation.csv row (and TensorBoard scalars)."""
         if not self.active:
             return
         self._append("validation.csv", {"step": step, "epoch": epoch, **values})
