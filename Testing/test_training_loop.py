@@ -227,3 +227,29 @@ def test_localisation_metrics_on_covid_dev_masks(shared_data, tiny_model):
     }
     assert 0 <= out["mean_iou"] <= 1 and out["ground_glass_opacity_cnr"] >= 0
     assert not tiny_model.training
+
+
+def test_layer_wise_freezing(tmp_path, tiny_model):
+    """freeze.text_layers / image_stages / batchnorm switch off exactly the named parts."""
+    import copy
+
+    from torch import nn
+
+    from training.trainer import Trainer
+
+    manifest = make_pairs(tmp_path / "d", n=4)
+    cfg = base_config(manifest, freeze={"text_encoder": False, "text_layers": 2, "image_stages": 1, "batchnorm": True})
+    model = copy.deepcopy(tiny_model)
+    frozen = Trainer(_config(cfg), tmp_path / "run")._freeze(model)
+    t = model.text_encoder.transformer
+    assert not any(p.requires_grad for p in t.embeddings.parameters())
+    assert not any(p.requires_grad for layer in t.encoder.layer[:2] for p in layer.parameters())
+    assert all(p.requires_grad for layer in t.encoder.layer[2:] for p in layer.parameters())
+    bb = model.image_encoder.backbone
+    assert not any(p.requires_grad for m in (bb.conv1, bb.bn1, bb.layer1) for p in m.parameters())
+    assert all(p.requires_grad for p in bb.layer2.parameters())
+    assert all(p.requires_grad for p in model.text_encoder.projection.parameters())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in frozen)  # kept in eval mode while training
+    cfg["freeze"]["text_layers"] = 99
+    with pytest.raises(ConfigError, match="only"):
+        Trainer(_config(cfg), tmp_path / "run")._freeze(copy.deepcopy(tiny_model))
