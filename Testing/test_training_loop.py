@@ -253,3 +253,33 @@ def test_layer_wise_freezing(tmp_path, tiny_model):
     cfg["freeze"]["text_layers"] = 99
     with pytest.raises(ConfigError, match="only"):
         Trainer(_config(cfg), tmp_path / "run")._freeze(copy.deepcopy(tiny_model))
+
+
+@pytest.mark.slow
+def test_init_from_a_model_folder_and_gradient_accumulation(tmp_path):
+    from afloc_engine.checkpoint import load_model_folder
+    from training.distributed import DistInfo
+    from training.trainer import Trainer
+
+    manifest = make_pairs(tmp_path / "d", n=8)
+    cfg = base_config(manifest, optim={"batch_size": 4, "accumulate": 2, "epochs": 2})
+    first = Trainer(_config(cfg), tmp_path / "a", progress="none").fit()
+    rows = _metrics(tmp_path / "a")
+    assert [int(r["step"]) for r in rows] == [1, 2]  # 2 batches per optimizer step, 2 epochs
+    cfg_init = base_config(manifest, model={"weight_word": 0})
+    cfg_init["init"] = str(first)
+    trainer = Trainer(_config(cfg_init), tmp_path / "b", progress="none")
+    trainer.device, trainer.dist, trainer.run_dir = torch.device("cpu"), DistInfo(), tmp_path / "b"
+    (tmp_path / "b").mkdir()
+    trainer._build_model()
+    saved, _ = load_model_folder(first)
+    for (name, a), b in zip(trainer.model.state_dict().items(), saved.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert trainer.model.config.weight_word == 0  # the new run's loss switches apply
+    cfg_bad = base_config(manifest, model={"embed_dim": 16})
+    cfg_bad["init"] = str(first)
+    trainer = Trainer(_config(cfg_bad), tmp_path / "c", progress="none")
+    trainer.device, trainer.dist, trainer.run_dir = torch.device("cpu"), DistInfo(), tmp_path / "c"
+    (tmp_path / "c").mkdir()
+    with pytest.raises(ConfigError, match="embed_dim differs"):
+        trainer._build_model()
