@@ -85,7 +85,7 @@ def make_phantom(
     lesion_contrast: float = 250.0,
     noise_hu: float = 15.0,
     jitter: float = 0.06,
-    normal_sentences: bool = True,
+    normal_sentence_rate: float = 0.5,
 ) -> Phantom:
     """Generate one phantom.
 
@@ -97,7 +97,7 @@ def make_phantom(
         lesion_contrast: lesion HU minus organ HU (in lung the lesion is soft tissue, +900 HU).
         noise_hu: standard deviation of the Gaussian noise, HU.
         jitter: random shift/scale of each organ, in [-1, 1] units.
-        normal_sentences: add a sentence about some normal organs (others go unmentioned).
+        normal_sentence_rate: chance that a normal organ gets a sentence saying so (else it is unmentioned).
     """
     rng = rng if rng is not None else np.random.default_rng()
     shape = (size,) * 3 if isinstance(size, int) else tuple(size)
@@ -131,11 +131,10 @@ def make_phantom(
         findings[lesion_organ].add(LESION_WORD)
         size_word = "large" if radius >= 0.11 * min(shape) else "small"
         sentences.append(f"There is a {size_word} {LESION_WORD} in the {lesion_organ}.")
-    if normal_sentences:
-        for organ in ORGAN_HU:
-            if organ != lesion_organ and rng.random() < 0.5:
-                choices = _NORMAL_SENTENCES[organ]
-                sentences.append(choices[int(rng.integers(len(choices)))])
+    for organ in ORGAN_HU:
+        if organ != lesion_organ and rng.random() < normal_sentence_rate:
+            choices = _NORMAL_SENTENCES[organ]
+            sentences.append(choices[int(rng.integers(len(choices)))])
     if not sentences:
         sentences.append("No acute abnormality.")
     order = rng.permutation(len(sentences))
@@ -154,11 +153,15 @@ def _lesion_centre(organ_mask: np.ndarray, radius: float, rng: np.random.Generat
 
 
 def make_dataset(
-    n: int, size: int = 32, seed: int = 0, organs: tuple[str | None, ...] = ("liver", "lung", "kidney", None)
+    n: int,
+    size: int = 32,
+    seed: int = 0,
+    organs: tuple[str | None, ...] = ("liver", "lung", "kidney", None),
+    **options: float,
 ) -> list[Phantom]:
-    """``n`` phantoms whose lesion organ cycles through ``organs`` (None = a normal case)."""
+    """``n`` phantoms whose lesion organ cycles through ``organs`` (None: a normal case); options: make_phantom's."""
     rng = np.random.default_rng(seed)
-    return [make_phantom(size, organs[i % len(organs)], rng) for i in range(n)]
+    return [make_phantom(size, organs[i % len(organs)], rng, **options) for i in range(n)]
 
 
 def rotated_direction(angle_deg: float = 30.0) -> tuple[float, ...]:

@@ -28,7 +28,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -402,6 +402,46 @@ def anatomy_alignment_loss(
     return calibrated_infonce(logits, pairs, mode, present.t())
 
 
+def grounding_loss(
+    organ_features: torch.Tensor,
+    organ_text: torch.Tensor,
+    present: torch.Tensor,
+    background: torch.Tensor | None = None,
+    scale: float = 10.0,
+    normalize_features: bool = True,
+) -> torch.Tensor:
+    """Within each volume, an organ's caption must match that organ's region better than the others'.
+
+    organ_features: (B, K, D) pooled regions; organ_text: (B, K, D) captions; present: (B, K) bool;
+    background: optional (B, D) pooled region outside every organ (a K+1-th candidate region).
+    For volume b and caption k: cross-entropy over the regions present of scale * sim(region, caption)
+    with target region k. This is what makes a region map of "mass in the liver" light the liver
+    rather than the air around the body (fVLM's batch contrast alone never compares regions of one
+    volume). Returns the mean over present (volume, organ) pairs.
+    """
+    regions, ok = organ_features, present.bool()
+    if background is not None:
+        regions = torch.cat([organ_features, background.unsqueeze(1)], dim=1)
+        ok = torch.cat([ok, torch.ones_like(ok[:, :1])], dim=1)
+    img = F.normalize(regions.float(), dim=-1) if normalize_features else regions.float()
+    txt = F.normalize(organ_text.float(), dim=-1)
+    logits = torch.einsum("brd,bkd->bkr", img, txt) * scale  # (B, K captions, R regions)
+    logits = logits.masked_fill(~ok.unsqueeze(1), _NEG)
+    k = organ_text.shape[1]
+    target = torch.arange(k, device=logits.device).expand(logits.shape[0], k)
+    per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    rows = present.bool().reshape(-1)
+    return (per * rows).sum() / rows.sum().clamp(min=1)
+
+
+class AnatomyLosses(NamedTuple):
+    """Weighted total (alignment + grounding weight x grounding) and its two parts."""
+
+    total: torch.Tensor
+    alignment: torch.Tensor
+    grounding: torch.Tensor
+
+
 # --- the trainer-facing piece ---------------------------------------------------------------------
 @dataclass
 class AnatomyConfig:
@@ -414,6 +454,8 @@ class AnatomyConfig:
     targets of AFLoc's patient-level losses (soft targets; see :meth:`AnatomyAligner.patient_targets`).
     pooling: ``similarity`` (default: the logit is the organ's mean cell-caption cosine, the quantity
     a heatmap shows) or ``feature`` (fVLM: cosine of the organ's mean feature and the caption).
+    grounding: weight of :func:`grounding_loss` (each caption against the regions of its own
+    volume, background included); 0 gives fVLM's batch contrast only.
     """
 
     organs: dict[str, Any] = field(default_factory=dict)
@@ -426,6 +468,7 @@ class AnatomyConfig:
     disease_keywords: tuple[str, ...] = DEFAULT_DISEASE_KEYWORDS
     patient_level: bool = True
     pooling: str = "similarity"
+    grounding: float = 1.0
 
     def __post_init__(self) -> None:
         if self.false_negative not in FALSE_NEGATIVE_MODES:
@@ -436,8 +479,8 @@ class AnatomyConfig:
             raise ConfigError(f"anatomy pooling must be 'similarity' or 'feature', not {self.pooling!r}")
         if self.level not in ("deep", "shallow"):
             raise ConfigError(f"anatomy level must be 'deep' or 'shallow', not {self.level!r}")
-        if self.weight < 0 or (self.scale is not None and self.scale <= 0):
-            raise ConfigError("anatomy weight must be >= 0 and scale > 0")
+        if self.weight < 0 or self.grounding < 0 or (self.scale is not None and self.scale <= 0):
+            raise ConfigError("anatomy weight and grounding must be >= 0, scale > 0")
         if not 0 <= self.min_fraction < 1:
             raise ConfigError(f"min_fraction must be in [0, 1), not {self.min_fraction}")
         for organ, values in self.organs.items():
@@ -464,7 +507,7 @@ class AnatomyAligner:
     >>> aligner = AnatomyAligner(AnatomyConfig(organs={"lung": 1, "liver": 3}))  # doctest: +SKIP
     >>> texts = aligner.texts(reports)                        # in the data loader   # doctest: +SKIP
     >>> feats = model.encode_images(images)                                          # doctest: +SKIP
-    >>> loss = aligner.loss(model, feats, label_maps, texts)                         # doctest: +SKIP
+    >>> loss = aligner.loss(model, feats, label_maps, texts).total                   # doctest: +SKIP
     >>> targets = aligner.patient_targets(texts)    # -> afloc_loss(..., targets=targets)  # doctest: +SKIP
     """
 
@@ -500,8 +543,8 @@ class AnatomyAligner:
         label_maps: torch.Tensor,
         texts: AnatomyTexts,
         organ_text: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The (unweighted) anatomy-level loss of a batch.
+    ) -> AnatomyLosses:
+        """The anatomy-level losses of a batch (``total`` is to be multiplied by ``config.weight``).
 
         image_features: the model's output on the batch; label_maps: (B, *spatial) integer organ
         labels on the network input's grid (e.g. :func:`afloc_engine.volume.prepare_label_map`);
@@ -517,7 +560,16 @@ class AnatomyAligner:
         text = self.organ_text_features(model, texts) if organ_text is None else organ_text.to(pooled.device)
         pairs = false_negative_pairs(texts.captions, texts.normal, texts.labels) if c.false_negative != "none" else None
         scale = c.scale if c.scale is not None else model.config.tau3
-        return anatomy_alignment_loss(pooled, text, present, pairs, c.false_negative, scale, c.pooling == "feature")
+        raw = c.pooling == "feature"
+        align = anatomy_alignment_loss(pooled, text, present, pairs, c.false_negative, scale, raw)
+        ground = align.new_zeros(())
+        if c.grounding > 0:
+            outside = (1.0 - masks.sum(1, keepdim=True)).clamp(min=0.0)
+            background, has_background = pool_anatomy_features(regions, outside)
+            ground = grounding_loss(pooled, text, present, background[:, 0], scale, raw)
+            if not bool(has_background.all()):  # a volume filled by organs: compare organs only
+                ground = grounding_loss(pooled, text, present, None, scale, raw)
+        return AnatomyLosses(align + c.grounding * ground, align, ground)
 
     def patient_targets(self, texts: AnatomyTexts) -> torch.Tensor | None:
         """(B, B) soft targets for AFLoc's patient-level losses, or None (identity) when calibration is off.
