@@ -9,7 +9,8 @@ image's left half (patient's right on a frontal film), "lower" the bases.
 
     python -m training.synthetic --backgrounds DIR [DIR ...] --n 3000 --out DIR [--seed 0]
 
-writes ``DIR/images/*.png`` (grey, longest side ``--size``), ``DIR/masks/*.png`` (the lesions)
+writes ``DIR/images/*.png`` (grey, longest side ``--size``), ``DIR/masks/*.png`` (lesion label maps,
+values in ``KIND_LABELS``)
 and ``DIR/manifest.csv`` (``id, image, text, patient_id, split, mask``) for the trainer's
 ``manifest`` source.
 """
@@ -51,6 +52,8 @@ NORMAL_SENTENCES = [
     "The cardiomediastinal silhouette is within normal limits.",
 ]
 ZONES = ("upper", "mid", "lower")
+KIND_LABELS = {kind: i + 1 for i, kind in enumerate(LESIONS)}
+"""Label value of each lesion kind in the written masks (0: no lesion)."""
 
 
 @dataclass
@@ -186,7 +189,7 @@ def describe(lesions: list[Lesion], rng: np.random.Generator) -> str:
 
 
 def synthesize(background: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
-    """(H, W) uint8 real CXR -> (image uint8 with lesions, union lesion mask bool, report)."""
+    """(H, W) uint8 real CXR -> (image uint8 with lesions, label map uint8 (see KIND_LABELS), report)."""
     image = background.astype(np.float32) / 255.0
     fields = lung_fields(image)
     n = rng.choice([0, 1, 1, 2, 2, 3], p=[0.12, 0.3, 0.18, 0.2, 0.1, 0.1])
@@ -197,10 +200,10 @@ def synthesize(background: np.ndarray, rng: np.random.Generator) -> tuple[np.nda
         if kind != "nodule" and rng.random() < 0.35:  # bilateral disease, as in viral pneumonia
             other = "left" if lesions[-1].side == "right" else "right"
             lesions.append(Lesion(kind, other, lesions[-1].zone))
-    union = np.zeros(image.shape, bool)
+    labels = np.zeros(image.shape, np.uint8)
     for les in lesions:
-        union |= paste_lesion(image, fields, les, rng)
-    return (image * 255).round().astype(np.uint8), union, describe(lesions, rng)
+        labels[paste_lesion(image, fields, les, rng)] = KIND_LABELS[les.kind]
+    return (image * 255).round().astype(np.uint8), labels, describe(lesions, rng)
 
 
 def _load_grey(path: Path, size: int) -> np.ndarray:
@@ -221,7 +224,7 @@ def _one(job: tuple[int, str, int, int, str]) -> dict:
     image, mask, report = synthesize(_load_grey(Path(background), size), rng)
     name = f"syn{index:06d}"
     Image.fromarray(image).save(Path(out) / "images" / f"{name}.png")
-    Image.fromarray(mask.astype(np.uint8) * 255).save(Path(out) / "masks" / f"{name}.png")
+    Image.fromarray(mask).save(Path(out) / "masks" / f"{name}.png")
     return {
         "id": name,
         "image": f"images/{name}.png",
