@@ -21,6 +21,7 @@ from afloc_engine.fvlm import (
     caption_is_normal,
     disease_labels,
     false_negative_pairs,
+    grounding_loss,
     load_keyword_map,
     normal_caption,
     organ_masks,
@@ -212,7 +213,7 @@ def test_invalid_samples_and_lonely_groups_do_not_count():
     assert float(logits.grad[0, 2].abs().sum() + logits.grad[0, :, 2].abs().sum()) == 0.0
     assert float(logits.grad[1].abs().sum()) == 0.0
     nothing = calibrated_infonce(logits, None, "soft", torch.tensor([[True, False, False, False]] * 2))
-    assert float(nothing) == 0.0
+    assert nothing.item() == 0.0
     with pytest.raises(ConfigError, match="false_negative"):
         calibrated_infonce(logits, None, "drop")
 
@@ -298,3 +299,51 @@ def test_config_errors():
         AnatomyAligner(AnatomyConfig())
     aligner = AnatomyAligner(AnatomyConfig(organs={"brain": 1}, keywords={"brain": ["brain", "cerebral"]}))
     assert aligner.texts(["Cerebral infarct."]).captions == [["cerebral infarct."]]
+
+
+def test_grounding_matches_each_caption_to_its_own_organ():
+    """Within one volume, a caption's target is its organ: the loss is the cross-entropy over the regions present."""
+    text = torch.eye(3)[None, :2]  # captions of organs 0 and 1 point along axes 0 and 1
+    regions = torch.tensor([[[1.0, 0.1, 0.0], [0.0, 1.0, 0.2]]])  # organ regions roughly along their captions
+    background = torch.tensor([[0.3, 0.3, 1.0]])
+    present = torch.tensor([[True, True]])
+    loss = grounding_loss(regions, text, present, background, scale=5.0)
+    logits = torch.einsum("rd,kd->kr", F.normalize(torch.cat([regions[0], background]), dim=-1), text[0]) * 5.0
+    expected = F.cross_entropy(logits, torch.tensor([0, 1]))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    # an absent organ neither asks for its caption nor competes as a region
+    absent = grounding_loss(regions, text, torch.tensor([[True, False]]), background, scale=5.0)
+    expected = F.cross_entropy(logits[:1, [0, 2]], torch.tensor([0]))
+    assert float(absent) == pytest.approx(float(expected), rel=1e-5)
+    # the gradient pushes the background away from the caption it is not
+    bg = background.clone().requires_grad_(True)
+    grounding_loss(regions, text, present, bg, scale=5.0).backward()
+    assert float(bg.grad[0, 0]) > 0 and float(bg.grad[0, 1]) > 0
+
+
+def test_aligner_loss_on_a_phantom_batch_with_a_3d_model():
+    from conftest import tiny_config
+    from phantoms import ORGANS, make_dataset
+
+    from afloc_engine.models import AFLocModel
+    from afloc_engine.volume import CT_WINDOW, prepare_label_map, prepare_volume
+
+    torch.manual_seed(0)
+    model = AFLocModel(tiny_config(spatial_dims=3, image_size=32))
+    data = make_dataset(3, 32, seed=1, organs=("liver", "lung", None))
+    prepared = [prepare_volume(p.volume, 32, CT_WINDOW) for p in data]
+    images = torch.stack([c for c, _ in prepared])
+    labels = torch.stack([prepare_label_map(p.labels, box) for p, (_, box) in zip(data, prepared)])
+    aligner = AnatomyAligner(AnatomyConfig(organs={o: v for v, o in ORGANS.items()}, false_negative="masked"))
+    texts = aligner.texts([p.report for p in data], [p.findings for p in data])
+    assert texts.normal[:, aligner.organs.index("liver")].tolist() == [False, True, True]
+    losses = aligner.loss(model, model.encode_images(images), labels, texts)
+    assert torch.isfinite(losses.total) and losses.alignment.item() > 0 and losses.grounding.item() > 0
+    assert losses.total.item() == pytest.approx(losses.alignment.item() + losses.grounding.item(), rel=1e-5)
+    losses.total.backward()
+    assert float(model.image_encoder.deep_proj.weight.grad.abs().sum()) > 0
+    assert float(model.text_encoder.projection.weight.grad.abs().sum()) > 0
+    targets = aligner.patient_targets(texts)
+    assert targets.shape == (3, 3) and torch.allclose(targets.sum(1), torch.ones(3))
+    off = AnatomyAligner(AnatomyConfig(organs={"liver": 3}, false_negative="none"))
+    assert off.patient_targets(off.texts(["Normal."])) is None
