@@ -261,13 +261,13 @@ def test_anatomy_loss_on_3d_grids_trains_the_regions():
     for _ in range(150):
         pooled, present = pool_anatomy_features(regions, masks)
         loss = anatomy_alignment_loss(pooled, text, present, pairs, "soft", scale=10.0)
-        first = float(loss) if first is None else first
+        first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
     t = soft_targets(pairs)
     floor = float(-(t * t.clamp(min=1e-12).log()).sum(-1).mean())
-    assert float(loss) < first and float(loss) == pytest.approx(floor, abs=0.02)
+    assert loss.item() < first and loss.item() == pytest.approx(floor, abs=0.02)
 
 
 def test_similarity_pooling_gives_the_mean_cell_cosine():
