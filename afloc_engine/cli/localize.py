@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dicom-seg", action="store_true", help="for DICOM inputs, also write a DICOM SEG (highdicom)")
     parser.add_argument("--axis", type=int, default=0, help="for volumes: slice axis in (Z, Y, X) array order")
     parser.add_argument("--volume-normalization", choices=("volume", "slice"), default="volume")
+    parser.add_argument(
+        "--window",
+        default="auto",
+        help="for volumes: intensity window before normalisation: auto (file window, else HU [-1150, 350] for CT, "
+        "else percentiles), ct, percentile, or LOW,HIGH (write --window=-200,300 when LOW is negative)",
+    )
     parser.add_argument("--adapter", type=Path, default=None, help="few-shot adapter folder (afloc finetune) to apply")
     add_model_arguments(parser)
     add_progress_argument(parser)
@@ -46,6 +52,19 @@ def output_name(path: Path, taken: set[str]) -> str:
     return name
 
 
+def _window(text: str) -> str | tuple[float, float]:
+    """``--window``: a name (auto, ct, percentile) or ``LOW,HIGH``; anything else is an error."""
+    if text in ("auto", "ct", "percentile"):
+        return text
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        low = high = float("nan")
+    if not low < high:
+        raise AFLocError(f"--window must be auto, ct, percentile or LOW,HIGH with LOW < HIGH, not {text!r}")
+    return low, high
+
+
 def run(args: argparse.Namespace) -> int:
     import afloc_engine
     from afloc_engine.io import read_image
@@ -58,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     if not prompts:
         raise PromptError("give at least one --prompt or a --preset")
     prompts = validate_prompts(prompts)
+    window = _window(args.window)
+    if args.axis not in (0, 1, 2):
+        raise AFLocError(f"--axis must be 0, 1 or 2 (Z, Y, X array order), not {args.axis}")
     # read every input first: a bad file stops the run before any output is written
     images = [read_image(p) for p in args.inputs]
     try:
@@ -77,13 +99,23 @@ def run(args: argparse.Namespace) -> int:
     written = []
     with Progress(len(images), args.progress, desc="localize") as progress:
         for path, image in zip(args.inputs, images):
+            extra = None
             if image.is_volume:
                 result = model.localize_volume(
-                    image, prompts, args.threshold, axis=args.axis, normalization=args.volume_normalization
+                    image,
+                    prompts,
+                    args.threshold,
+                    axis=args.axis,
+                    normalization=args.volume_normalization,
+                    similarity=args.similarity,
+                    window=window,
                 )
+                extra = {
+                    "volume": {"axis": result.axis, "normalization": result.normalization, "window": result.window}
+                }
             else:
                 result = model.localize(image, prompts, args.threshold, similarity=args.similarity, adapter=adapter)
-            out_dir = write_results(result, args.out / output_name(path, taken), overlay=not args.no_overlay)
+            out_dir = write_results(result, args.out / output_name(path, taken), extra, overlay=not args.no_overlay)
             if args.dicom_seg and (image.meta.get("sop_instance_uid") or (path.is_dir() and image.is_volume)):
                 from afloc_engine.dicom_seg import write_dicom_seg
 
