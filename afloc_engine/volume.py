@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from afloc_engine.errors import AFLocError, ImageReadError
-from afloc_engine.heatmap import gaussian_smooth, minmax_to_unit, similarity_maps
+from afloc_engine.heatmap import gaussian_smooth, similarity_maps
 from afloc_engine.io import ImageData
 from afloc_engine.prompts import negative_prompt, validate_prompts
 from afloc_engine.transforms import Letterbox
@@ -285,11 +285,15 @@ def localize_volume(
         raw, slice_probs = _native_3d(model, data, prompts, negatives, similarity, win)
     else:
         raw, slice_probs = _slice_wise(model, data, prompts, negatives, similarity, win, axis, batch_size, progress)
-    heat = _normalize(raw, normalization, axis)
+    with torch.inference_mode():
+        heat_t = _normalize(raw, normalization, axis)
+        masks = (heat_t > threshold).cpu().numpy()
+        heat = heat_t.cpu().numpy()
+    del raw, heat_t
     return VolumeResult(
         list(prompts),
         heat,
-        heat > threshold,
+        masks,
         slice_probs.max(axis=0).astype(np.float32),
         threshold,
         data,
@@ -303,6 +307,14 @@ def localize_volume(
     )
 
 
+def _fits_on(device: torch.device, nbytes: int) -> bool:
+    """True on the CPU, or when a CUDA device has ``nbytes`` free with a 25 % margin."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes * 1.25 < free
+
+
 def _slice_wise(
     model: AFLoc,
     data: ImageData,
@@ -313,23 +325,33 @@ def _slice_wise(
     axis: int,
     batch_size: int,
     progress: Callable[[int, int], None] | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Raw (un-normalised) heatmaps (P, Z, Y, X) and per-slice probabilities (N, P) of a 2D model."""
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Raw (un-normalised) heatmaps (P, Z, Y, X) and per-slice probabilities (N, P) of a 2D model.
+
+    On a GPU with room, the volume is uploaded once and the heatmaps stay on the GPU (normalised and
+    thresholded there, then copied back once); otherwise slabs go up batch by batch.
+    """
     c = model.config
     device = model.device
-    moved = np.moveaxis(data.array, axis, 0)  # (N, a, b), a view
+    n_prompts = len(prompts)
+    volume = torch.from_numpy(np.ascontiguousarray(data.array, dtype=np.float32))
+    out_bytes = n_prompts * volume.numel() * 4 * 2  # heatmaps + their normalised copy / masks
+    store = device if _fits_on(device, out_bytes + volume.numel() * 4) else torch.device("cpu")
+    if store.type == "cuda":
+        volume = volume.to(store)
+    moved = volume.movedim(axis, 0)  # (N, a, b), a view
     n, height, width = moved.shape
     spacing = spacing_zyx(data)
     plane = [spacing[k] for k in range(3) if k != axis]
     box = slice_letterbox(height, width, c.image_size, (plane[0], plane[1]))
-    out = np.empty((len(prompts), n, height, width), dtype=np.float32)
-    probs = np.empty((n, len(prompts)), dtype=np.float32)
+    out = torch.empty((n_prompts, n, height, width), dtype=torch.float32, device=store)
+    probs = torch.empty((n, n_prompts), dtype=torch.float32)
     embeddings = model.embed_prompts(prompts)
     model.embed_prompts(negatives)  # fill the cache once
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
-            slab = torch.from_numpy(np.ascontiguousarray(moved[start:stop])).to(device, non_blocking=True)
+            slab = moved[start:stop].to(device, non_blocking=True)
             canvas = box.apply(apply_window(slab, window).unsqueeze(1))  # (B, 1, S, S)
             canvas = (canvas - c.intensity_mean) / c.intensity_std
             if c.in_channels == 3:
@@ -338,14 +360,12 @@ def _slice_wise(
             grids = similarity_maps(deep.float(), embeddings, similarity)  # (B, P, g, g)
             smoothed = gaussian_smooth(grids.flatten(0, 1), c.smoothing_sigma)
             up = F.interpolate(smoothed.unsqueeze(1), size=(box.size, box.size), mode="bilinear", align_corners=False)
-            maps = box.invert(up.squeeze(1)).view(stop - start, len(prompts), height, width)
-            out[:, start:stop] = maps.transpose(0, 1).float().cpu().numpy()
-            probs[start:stop] = model.probabilities(glob.float(), prompts, negatives).float().cpu().numpy()
+            maps = box.invert(up.squeeze(1)).view(stop - start, n_prompts, height, width)
+            out[:, start:stop] = maps.transpose(0, 1).to(store, non_blocking=True)
+            probs[start:stop] = model.probabilities(glob.float(), prompts, negatives).float().cpu()
             if progress is not None:
                 progress(stop, n)
-    if axis != 0:
-        out = np.ascontiguousarray(np.moveaxis(out, 1, axis + 1))
-    return out, probs
+    return out.movedim(1, axis + 1), probs.numpy()
 
 
 def _native_3d(
@@ -355,7 +375,7 @@ def _native_3d(
     negatives: list[str],
     similarity: str,
     window: tuple[float, float],
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[torch.Tensor, np.ndarray]:
     """Raw heatmaps (P, Z, Y, X) and probabilities (1, P) of a native 3D model (one forward pass)."""
     c = model.config
     cube, box = prepare_volume(data, c.image_size, window, c.intensity_mean, c.intensity_std, c.in_channels)
@@ -365,24 +385,21 @@ def _native_3d(
         grids = similarity_maps(deep.float(), embeddings, similarity)[0]  # (P, g, g, g)
         smoothed = gaussian_smooth(grids, c.smoothing_sigma)
         up = F.interpolate(smoothed.unsqueeze(1), size=(box.size,) * 3, mode="trilinear", align_corners=False)
-        maps = box.invert(up.squeeze(1)).float().cpu().numpy()
+        store = model.device if _fits_on(model.device, len(prompts) * data.array.size * 4 * 3) else torch.device("cpu")
+        maps = box.invert(up.squeeze(1).to(store)).float()
         probs = model.probabilities(glob.float(), prompts, negatives).float().cpu().numpy()
     return maps, probs
 
 
-def _normalize(raw: np.ndarray, normalization: str, axis: int) -> np.ndarray:
-    """Min-max (P, Z, Y, X) heatmaps to [-1, 1] over each prompt's volume or each slice along ``axis``, in place."""
-    if normalization == "slice":
-        moved = np.ascontiguousarray(np.moveaxis(raw, axis + 1, 1))  # (P, N, a, b)
-        normed = minmax_to_unit(torch.from_numpy(moved).reshape(-1, *moved.shape[2:])).numpy().reshape(moved.shape)
-        return np.ascontiguousarray(np.moveaxis(normed, 1, axis + 1))
-    for p in range(raw.shape[0]):
-        vol = raw[p]
-        low, high = float(vol.min()), float(vol.max())
-        if high > low:
-            vol -= low
-            vol *= 2.0 / (high - low)
-            vol -= 1.0
-        else:
-            vol[...] = 0.0
-    return raw
+def _normalize(raw: torch.Tensor, normalization: str, axis: int) -> torch.Tensor:
+    """Min-max (P, Z, Y, X) heatmaps to [-1, 1] over each prompt's volume or each slice along ``axis``.
+
+    Works in place (the result is made contiguous); a constant volume (or slice) becomes 0.
+    """
+    dims = (1, 2, 3) if normalization == "volume" else tuple(d for d in (1, 2, 3) if d != axis + 1)
+    low = raw.amin(dim=dims, keepdim=True)
+    high = raw.amax(dim=dims, keepdim=True)
+    span = high - low
+    scale = torch.where(span > 0, 2.0 / span.clamp(min=1e-12), torch.zeros_like(span))
+    raw.sub_(low).mul_(scale).sub_(1.0)
+    return raw.masked_fill_(span.expand_as(raw) <= 0, 0.0).contiguous()
