@@ -361,7 +361,7 @@ def _slice_wise(
             smoothed = gaussian_smooth(grids.flatten(0, 1), c.smoothing_sigma)
             up = F.interpolate(smoothed.unsqueeze(1), size=(box.size, box.size), mode="bilinear", align_corners=False)
             maps = box.invert(up.squeeze(1)).view(stop - start, n_prompts, height, width)
-            out[:, start:stop] = maps.transpose(0, 1).to(store, non_blocking=True)
+            out[:, start:stop] = maps.transpose(0, 1).to(store)  # blocking: a D2H copy must land first
             probs[start:stop] = model.probabilities(glob.float(), prompts, negatives).float().cpu()
             if progress is not None:
                 progress(stop, n)
