@@ -25,7 +25,7 @@ The pieces (:func:`pool_anatomy_features`, :func:`false_negative_pairs`, :func:`
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -442,6 +442,61 @@ class AnatomyLosses(NamedTuple):
     grounding: torch.Tensor
 
 
+def report_findings(
+    report: str,
+    organs: Sequence[str],
+    keyword_map: Mapping[str, Sequence[str]],
+    disease_keywords: Sequence[str] = DEFAULT_DISEASE_KEYWORDS,
+) -> frozenset[str]:
+    """A report's disease labels for patient-level pairing: 'organ:disease' for sentences about an
+    organ, 'report:disease' for sentences that name none (e.g. "Dense opacity in the upper zone.").
+
+    An empty set means a normal report.
+    """
+    found: set[str] = set()
+    for words in split_sentences(report):
+        sentence = " ".join(words)
+        labels = disease_labels(sentence, disease_keywords)
+        if not labels:
+            continue
+        hit = [o for o in organs if any(_mentions(words, k) for k in keyword_map[o])]
+        found.update(f"{o}:{d}" for o in hit or ["report"] for d in labels)
+    return frozenset(found)
+
+
+class DiseaseAwareTargets:
+    """Patient-level false-negative calibration from report text, for a trainer's ``target_fn`` hook.
+
+    Called with anything that has ``.texts`` (B reports; the trainer's ``BatchContext``) or with the
+    reports themselves; returns (B, B) soft targets whose rows sum to 1: a report's targets spread
+    over itself, every other normal report when it is normal, and every report sharing one of its
+    disease labels (:func:`report_findings`).
+    """
+
+    def __init__(
+        self,
+        organs: Sequence[str] = (),
+        keywords: Mapping[str, Sequence[str]] | str | Path | None = None,
+        disease_keywords: Sequence[str] = (),
+    ) -> None:
+        self.keywords = load_keyword_map(keywords)
+        self.organs = tuple(organs) or tuple(self.keywords)
+        missing = [o for o in self.organs if o not in self.keywords]
+        if missing:
+            raise ConfigError(f"no keywords for organ(s) {', '.join(missing)}; add them to the anatomy keyword map")
+        self.disease_keywords = tuple(disease_keywords) or DEFAULT_DISEASE_KEYWORDS
+
+    def pairs(self, reports: Sequence[str]) -> torch.Tensor:
+        """(B, B) bool: report pairs that are not negatives of each other."""
+        labels = [report_findings(r, self.organs, self.keywords, self.disease_keywords) for r in reports]
+        normal = torch.tensor([not lab for lab in labels], dtype=torch.bool)
+        return patient_pairs(normal, labels)
+
+    def __call__(self, context: Any) -> torch.Tensor:  # noqa: ANN401 (BatchContext or a list of reports)
+        reports = context.texts if hasattr(context, "texts") else context
+        return soft_targets(self.pairs(list(reports)))
+
+
 # --- the trainer-facing piece ---------------------------------------------------------------------
 @dataclass
 class AnatomyConfig:
@@ -580,3 +635,21 @@ class AnatomyAligner:
             return None
         pairs = patient_pairs(texts.normal.all(dim=1), texts.patient_labels())
         return soft_targets(pairs)
+
+
+def anatomy_extra_loss(
+    aligner: AnatomyAligner, label_maps: Callable[[Any], torch.Tensor]
+) -> Callable[[Any], dict[str, torch.Tensor]]:
+    """The anatomy-level loss as a trainer ``extra_losses`` hook (``training.trainer.StepOutputs`` in).
+
+    label_maps(out) must return this process's (b, *spatial) integer organ labels on the network
+    input's grid (the image store holds none, so they come from the caller). The returned value,
+    ``{"anatomy": config.weight x total}``, is added to the loss and logged as ``extra_anatomy``.
+    """
+
+    def anatomy(out: Any) -> dict[str, torch.Tensor]:  # noqa: ANN401 (StepOutputs)
+        texts = aligner.texts(out.batch.texts)
+        maps = label_maps(out).to(out.image.deep.device)
+        return {"anatomy": aligner.config.weight * aligner.loss(out.model, out.image, maps, texts).total}
+
+    return anatomy

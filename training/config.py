@@ -10,6 +10,7 @@ Sections (every key optional; the defaults are the reference recipe)::
     freeze:   frozen text encoder, first text layers, first image stages, batch-norm statistics
     runtime:  device, bf16, channels_last, torch.compile, workers, seed
     log:      metrics, checkpoints, validation
+    fvlm:     false-negative calibration of the contrastive targets (none | soft)
 """
 
 from __future__ import annotations
@@ -161,6 +162,21 @@ class LogConfig:
 
 
 @dataclass
+class FVLMConfig:
+    """fVLM false-negative calibration of the patient-level losses (issue 8; :mod:`afloc_engine.fvlm`)."""
+
+    false_negative: str = "none"
+    """``none`` (identity targets) or ``soft``: report pairs that are both normal or share a disease
+    label become soft positives (``masked`` negatives exist only in the anatomy-level loss)."""
+    organs: tuple[str, ...] = ()
+    """Organs of the keyword map used to qualify disease labels (empty: every organ of the map)."""
+    keywords: str | None = None
+    """A JSON/YAML anatomy keyword map (organ -> words); null: the built-in map."""
+    disease_keywords: tuple[str, ...] = ()
+    """Words that label a sentence with a disease (empty: the built-in list)."""
+
+
+@dataclass
 class TrainConfig:
     """The whole training configuration (see the module docstring for its sections)."""
 
@@ -172,6 +188,7 @@ class TrainConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    fvlm: FVLMConfig = field(default_factory=FVLMConfig)
     source: str | None = None
     """The file this config was read from (not a setting)."""
 
@@ -236,6 +253,11 @@ def _problems(c: TrainConfig) -> list[str]:
         out.append("augment: 0 < crop_scale[0] <= crop_scale[1] <= 1 and 0 < keep_fraction <= 1 are required")
     if c.freeze.text_layers < 0 or not 0 <= c.freeze.image_stages <= 4:
         out.append("freeze: text_layers >= 0 and 0 <= image_stages <= 4 are required")
+    if c.fvlm.false_negative not in ("none", "soft"):
+        out.append(
+            f"fvlm.false_negative must be none or soft, not {c.fvlm.false_negative!r} "
+            "(the patient-level losses take soft targets; masked negatives are an anatomy-level option)"
+        )
     if c.log.every < 1 or c.log.keep < 1 or c.log.checkpoint_every < 0 or not c.log.recall_k:
         out.append("log: every >= 1, keep >= 1, checkpoint_every >= 0 and a non-empty recall_k are required")
     return out

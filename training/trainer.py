@@ -11,7 +11,8 @@ Run folder::
     <run>/checkpoints/          step-XXXXXXXX folders + LATEST (see :mod:`training.state`)
     <run>/model/                the final model folder (``afloc localize --model <run>/model``)
 
-Hooks (fVLM, issue 8): ``Trainer(config, run_dir, target_fn=..., extra_losses=(...))``.
+Hooks (fVLM, issue 8): ``Trainer(config, run_dir, target_fn=..., extra_losses=(...))``; the config's
+``fvlm.false_negative: soft`` installs :class:`afloc_engine.fvlm.DiseaseAwareTargets` as ``target_fn``.
 ``target_fn(ctx: BatchContext) -> (B, B) tensor | None`` gives soft contrastive targets for the
 global batch (rows: images, columns: reports; each row sums to 1); ``extra_losses`` are callables
 ``fn(out: StepOutputs) -> tensor | dict[str, tensor]`` whose values are added to the loss (per
@@ -167,6 +168,16 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.progress_mode = progress
+        if config.fvlm.false_negative != "none":
+            if target_fn is not None:
+                raise ConfigError("fvlm.false_negative is set and a target_fn was given: use one", config.source)
+            from afloc_engine.fvlm import DiseaseAwareTargets
+
+            f = config.fvlm
+            try:
+                target_fn = DiseaseAwareTargets(f.organs, f.keywords, f.disease_keywords)
+            except ConfigError as err:
+                raise ConfigError(f"fvlm: {err.problem}", err.path or config.source) from None
         self.target_fn = target_fn
         self.extra_losses = tuple(extra_losses)
         self.model_config: AFLocConfig = config.model_config()
