@@ -111,3 +111,14 @@ def test_direction_is_what_the_outputs_use(ct_path):
     m = ijk_to_lps(image)
     for ijk in [(0, 0, 0), (39, 0, 0), (3, 35, 9)]:
         np.testing.assert_allclose(m[:3, :3] @ ijk + m[:3, 3], src.TransformIndexToPhysicalPoint(ijk), atol=1e-6)
+
+
+def test_json_progress_reports_slices_of_a_volume(model_dir, ct_path, tmp_path, capsys):
+    code = main(["localize", str(ct_path), "--prompt", "edema", "--out", str(tmp_path / "o"), "--model", str(model_dir),
+                 "--progress", "json", "--no-overlay"])  # fmt: skip
+    assert code == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    slices = [e for e in events if e.get("unit") == "slices"]
+    assert slices and slices[-1]["step"] == slices[-1]["total"] == 10  # the 10 axial slices
+    assert [e["step"] for e in slices] == sorted(e["step"] for e in slices)
+    assert events[-1]["event"] == "done"

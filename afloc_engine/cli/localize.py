@@ -65,6 +65,15 @@ def _window(text: str) -> str | tuple[float, float]:
     return low, high
 
 
+def _slice_progress(path: Path):  # noqa: ANN202 (a callback)
+    """JSON progress lines per batch of slices of a volume, so a GUI shows a long CT moving."""
+
+    def report(done: int, total: int) -> None:
+        emit("progress", step=done, total=total, message=f"{path.name}: slice {done}/{total}", unit="slices")
+
+    return report
+
+
 def run(args: argparse.Namespace) -> int:
     import afloc_engine
     from afloc_engine.io import read_image
@@ -109,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
                     normalization=args.volume_normalization,
                     similarity=args.similarity,
                     window=window,
+                    progress=_slice_progress(path) if args.progress == "json" else None,
                 )
                 extra = {
                     "volume": {"axis": result.axis, "normalization": result.normalization, "window": result.window}
