@@ -122,3 +122,21 @@ def test_json_progress_reports_slices_of_a_volume(model_dir, ct_path, tmp_path, 
     assert slices and slices[-1]["step"] == slices[-1]["total"] == 10  # the 10 axial slices
     assert [e["step"] for e in slices] == sorted(e["step"] for e in slices)
     assert events[-1]["event"] == "done"
+
+
+def test_a_native_3d_model_folder_localises_a_volume(ct_path, tmp_path):
+    import torch
+    from conftest import tiny_config
+
+    from afloc_engine.models import AFLocModel
+
+    torch.manual_seed(0)
+    model = AFLocModel(tiny_config(spatial_dims=3, image_size=32)).eval()
+    folder = save_model(model, tmp_path / "m3d", ModelInfo(name="tiny3d", trained=True))
+    out = tmp_path / "out"
+    assert _localize(str(ct_path), "--prompt", "Mass in the liver", "--out", str(out), "--model", str(folder)) == 0
+    results = json.loads((out / "ct" / "results.json").read_text())
+    heat = sitk.ReadImage(str(out / "ct" / results["prompts"][0]["heatmap"]))
+    src = sitk.ReadImage(str(ct_path))
+    assert heat.GetSize() == src.GetSize() and heat.GetDirection() == pytest.approx(src.GetDirection())
+    assert results["model_id"].startswith("tiny3d@")
