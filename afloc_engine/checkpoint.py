@@ -80,7 +80,12 @@ def atomic_folder(final: Path) -> Path:
 
 
 def commit_folder(tmp: Path, final: Path, overwrite: bool = False) -> None:
-    """Move a completed temporary folder into place (replacing ``final`` only if ``overwrite``)."""
+    """Move a completed temporary folder into place (replacing ``final`` only if ``overwrite``).
+
+    Permissions become the usual 755 (folders) / 644 (files): ``mkdtemp`` makes 700.
+    """
+    for path in [tmp, *tmp.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
     if final.exists():
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
