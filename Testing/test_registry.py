@@ -161,7 +161,8 @@ def test_install_tar_gz_and_folder_and_list(home, tmp_path, model_members, model
     rec2 = registry.install(model_folder, name="from-folder")
     assert rec2["sha256"] == sha((model_folder / "model.safetensors").read_bytes())
     rows = {r["name"]: r for r in registry.list()}
-    assert rows["default"]["source"] == "package" and rows["default"]["trained"] is False
+    shipped = (registry.PACKAGE_WEIGHTS / "default" / "model.safetensors").is_file()
+    assert rows["default"]["source"] == "package" and rows["default"]["trained"] is shipped
     for name, source_sha in (("from-tar", sha(archive.read_bytes())), ("from-folder", rec2["sha256"])):
         row = rows[name]
         assert row["source"] == "installed" and row["installed"] and row["trained"] is True
