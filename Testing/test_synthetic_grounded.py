@@ -1,0 +1,113 @@
+"""Synthetic-lesion pairs say what they paste and where; grounded pre-training learns where it is."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from afloc_engine.checkpoint import load_model_folder
+from afloc_engine.text import split_sentences
+from training.grounded import grounded_losses, kind_targets, pretrain
+from training.synthetic import KIND_LABELS, PHRASES, Lesion, generate, lung_fields, paste_lesion, synthesize
+
+
+def phantom_cxr(size=128, seed=0):
+    """A bright body with two dark lung fields either side of a bright mediastinum, on dark air."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    body = ((xx - 0.5) / 0.45) ** 2 + ((yy - 0.55) / 0.5) ** 2 < 1
+    image = np.where(body, 0.75, 0.05)
+    for cx in (0.3, 0.7):
+        image[((xx - cx) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1] = 0.3
+    return np.clip(image + rng.normal(0, 0.02, image.shape), 0, 1).astype(np.float32)
+
+
+def test_lung_fields_find_both_lungs_and_not_the_air():
+    image = phantom_cxr()
+    fields = lung_fields(image)
+    yy, xx = np.nonzero(fields)
+    assert (xx < 64).any() and (xx >= 64).any()  # both lungs
+    assert image[fields].mean() < 0.4  # the dark fields inside the body, not the bright body
+    assert not fields[:, :5].any() and not fields[:5].any()  # not the air around it
+
+
+def test_pasted_lesion_sits_on_the_named_side_and_brightens_it():
+    image = phantom_cxr()
+    before = image.copy()
+    mask = paste_lesion(image, lung_fields(image), Lesion("consolidation", "right", "lower"), np.random.default_rng(1))
+    assert mask.any()
+    _, xx = np.nonzero(mask)
+    assert xx.mean() < 64  # patient's right = image left on a frontal film
+    assert image[mask].mean() > before[mask].mean() + 0.05
+
+
+def test_synthesized_report_names_every_pasted_kind():
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        image, labels, report = synthesize((phantom_cxr(seed=2) * 255).astype(np.uint8), rng)
+        words = " ".join(w for s in split_sentences(report) for w in s)
+        for kind, value in KIND_LABELS.items():
+            if (labels == value).any():
+                assert any(" ".join(w for s in split_sentences(p) for w in s) in words for p in PHRASES[kind])
+        if not labels.any():
+            assert "clear" in report
+
+
+def test_kind_targets_are_cell_coverage_fractions():
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, :4, :4] = KIND_LABELS["nodule"]
+    labels[0, 4:, 4:6] = KIND_LABELS["consolidation"]
+    t = kind_targets(labels, (2, 2))
+    k = list(KIND_LABELS)
+    assert t[0, k.index("nodule"), 0, 0] == 1 and t[0, k.index("nodule")].sum() == 1
+    assert t[0, k.index("consolidation"), 1, 1] == pytest.approx(0.5)
+    assert t[0, k.index("ground glass opacity")].sum() == 0
+
+
+@pytest.fixture(scope="module")
+def synthetic_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    backgrounds = root / "bg"
+    backgrounds.mkdir()
+    for i in range(6):
+        Image.fromarray((phantom_cxr(seed=i) * 255).astype(np.uint8)).save(backgrounds / f"b{i}.png")
+    return generate([backgrounds], 12, root / "pairs", size=96, seed=0, workers=1)
+
+
+def test_generate_writes_a_manifest_the_trainer_reads(synthetic_set):
+    rows = list(csv.DictReader(synthetic_set.open()))
+    assert len(rows) == 12 and all(r["text"] for r in rows)
+    labels = np.asarray(Image.open(synthetic_set.parent / rows[0]["mask"]))
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, *KIND_LABELS.values()}
+
+
+def test_grounded_steps_lower_the_loss_and_pretrain_writes_a_model(synthetic_set, tmp_path):
+    from afloc_engine.models import AFLocModel
+    from training.grounded import GroundedSynthetic
+
+    torch.manual_seed(0)
+    config = tiny_config(image_size=64)
+    model = AFLocModel(config)
+    data = GroundedSynthetic(synthetic_set, 64, augment=False)
+    images, labels = map(torch.stack, zip(*[data[i] for i in range(8)]))
+    scale, bias = torch.nn.Parameter(torch.tensor(10.0)), torch.nn.Parameter(torch.tensor(-4.0))
+    params = [p for n, p in model.named_parameters() if "transformer" not in n] + [scale, bias]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    phrases = [PHRASES[k][0] for k in KIND_LABELS]
+    negatives = [f"No {k}." for k in KIND_LABELS]
+    first = None
+    for _ in range(8):
+        loss = grounded_losses(model, images, labels, phrases, negatives, scale, bias)["total"]
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < first
+    out = pretrain(synthetic_set, tmp_path / "g", config, epochs=1, batch_size=4, workers=0, progress="none")
+    loaded, info = load_model_folder(out)
+    assert info.trained and info.extra["stage"] == "grounded-synthetic"
