@@ -1,6 +1,7 @@
 """Copy a trained model into the package as the embedded default (fp16), and record it in the manifest.
 
     python scripts/ship_model.py MODEL_DIR [--name default] [--description TEXT] [--card MODEL_CARD.md]
+                                           [--smoothing-sigma S]
 
 Writes afloc_engine/weights/<name>/ (config.json + model.safetensors [+ MODEL_CARD.md]) and the
 manifest entry (sha256, size) that `load_model` checks at every load.
@@ -24,6 +25,7 @@ def main() -> int:
     parser.add_argument("--name", default="default")
     parser.add_argument("--description", default=None)
     parser.add_argument("--card", type=Path, default=None, help="a MODEL_CARD.md to ship beside the weights")
+    parser.add_argument("--smoothing-sigma", type=float, default=None, help="heatmap smoothing (grid cells) to ship")
     args = parser.parse_args()
     from afloc_engine.checkpoint import read_config
     from afloc_engine.registry import MANIFEST, PACKAGE_WEIGHTS, shipped_entry
@@ -37,7 +39,9 @@ def main() -> int:
         if (dest / "MODEL_CARD.md").is_file()
         else None
     )
-    export(args.model, dest, args.name, args.description or info.description, {**info.extra, "source": info.name})
+    changes = {} if args.smoothing_sigma is None else {"smoothing_sigma": args.smoothing_sigma}
+    extra = {**info.extra, "source": info.name}
+    export(args.model, dest, args.name, args.description or info.description, extra, changes)
     if card:
         (dest / "MODEL_CARD.md").write_text(card)
     manifest = json.loads(MANIFEST.read_text())

