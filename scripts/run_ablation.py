@@ -7,7 +7,8 @@ GLoRIA, all three levels), each from the same seed, then runs `afloc evaluate` o
 final models and the constant and prior baselines (simple and precise prompts for ground-glass
 opacity and consolidation). Writes <out>/evaluation/{evaluation.md,evaluation.json}.
 The small CPU recipe: --set model.image_size=128 --set model.encoder_input_size=null
---set optim.epochs=8 --set optim.batch_size=32 --device cpu.
+--set optim.epochs=8 --set optim.batch_size=32 --device cpu. `--base from_grounded` runs the
+four settings as the default model's stage 2, from its grounded pre-training.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main() -> int:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", default="base", help="config in configs/ablation/ (base: from ImageNet)")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,7 @@ def main() -> int:
     for name in args.variants:
         run_dir = out / "runs" / name
         config = resolved_config(
-            REPO / "configs" / "ablation" / "base.yaml",
+            REPO / "configs" / "ablation" / f"{args.base}.yaml",
             {"data": str(args.data.resolve())},
             out / "configs" / f"{name}.yaml",
             {**common, **VARIANTS[name]},
