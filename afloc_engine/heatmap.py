@@ -64,8 +64,18 @@ def grid_to_image(grid_maps: torch.Tensor, box: Letterbox, sigma: float = 1.5) -
     """(P, g, g) similarity maps on the feature grid -> (P, H, W) heatmaps in [-1, 1] on the image.
 
     Smooth on the grid, upsample bilinearly to the S x S canvas, undo the letterbox, min-max
-    normalise over the image's own pixels (the padding never sets the range).
+    normalise over the image's own pixels (the padding never sets the range). Full-size maps are
+    made one prompt at a time into one output tensor, so peak memory stays near the output's size.
     """
     smoothed = gaussian_smooth(grid_maps.float(), sigma)
     canvas = F.interpolate(smoothed.unsqueeze(1), size=(box.size, box.size), mode="bilinear", align_corners=False)
-    return minmax_to_unit(box.invert(canvas.squeeze(1)))
+    out = canvas.new_empty((canvas.shape[0], box.height, box.width))
+    for p in range(canvas.shape[0]):
+        heat = box.invert(canvas[p])[0]
+        low, high = heat.min(), heat.max()
+        if high > low:
+            heat.sub_(low).mul_(2.0 / (high - low)).sub_(1.0)
+        else:
+            heat.zero_()
+        out[p] = heat
+    return out

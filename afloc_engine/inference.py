@@ -199,7 +199,7 @@ class AFLoc:
             probs = self.probabilities(glob, prompts, negatives).cpu().numpy().astype(np.float32)
             results = []
             for i, (data, (_, box)) in enumerate(zip(datas, prepared)):
-                heat = grid_to_image(grids[i], box, self.config.smoothing_sigma).cpu().numpy().astype(np.float32)
+                heat = grid_to_image(grids[i], box, self.config.smoothing_sigma).cpu().numpy()
                 results.append(
                     LocalizationResult(
                         list(prompts),
