@@ -194,6 +194,13 @@ def run(args: argparse.Namespace) -> dict:
                 f" ({ft_seconds:.1f} s)  U-Net {record.get('unet_dice', float('nan')):.3f}  on {len(ev)} images",
                 flush=True,
             )
+            save(args, summarise(args, model, draws, prompt))  # partial results survive a time limit
+    return summarise(args, model, draws, prompt)
+
+
+def summarise(args: argparse.Namespace, model, draws: list[dict], prompt: str) -> dict:
+    """The report: per-k mean +- sd over ``draws`` and every draw's record."""
+    device, t, finding = model.device, model.config.threshold, args.mask_class.replace("_", " ")
     summary = []
     for k in args.ks:
         rows = [r for r in draws if r["k"] == k]
@@ -280,12 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.data / "covid-cxr" / "masks.csv").is_file():
         p.error(f"covid-cxr not found under {args.data} (set --data or AFLOC_SHARED_DATA)")
     result = run(args)
+    save(args, result)
+    print(markdown(result))
+    return 0
+
+
+def save(args: argparse.Namespace, result: dict) -> None:
+    """Write ``OUT.json`` and ``OUT.md``."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
-    return 0
+    args.out.with_suffix(".md").write_text(markdown(result))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,13 @@ def ct_volume(shape: tuple[int, int, int]):  # -> ImageData
     )
 
 
-def build_model(device: str):  # -> (AFLoc, text note)
+def build_model(device: str, model_name: str = "resnet50"):  # -> (AFLoc, text note)
+    """``resnet50``: the default architecture with random weights; else a model name or folder."""
+    if model_name != "resnet50":
+        import afloc_engine
+
+        afloc = afloc_engine.load_model(model_name, device)
+        return afloc, afloc.config.text_model
     from afloc_engine.checkpoint import ModelInfo
     from afloc_engine.config import AFLocConfig
     from afloc_engine.inference import AFLoc
@@ -142,7 +148,7 @@ def time_write(afloc, image, prompts: list[str], batch_size: int) -> float:
 
 
 def measure(device: str, args: argparse.Namespace, full) -> list[dict]:
-    afloc, note = build_model(device)
+    afloc, note = build_model(device, args.model)
     rows = []
     on_cpu = device == "cpu"
     n_slices = min(args.cpu_slices, full.array.shape[0]) if on_cpu else full.array.shape[0]
@@ -169,6 +175,7 @@ def measure(device: str, args: argparse.Namespace, full) -> list[dict]:
             "slices_per_s": full.array.shape[0] / (float(np.median(times)) * scale),
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
             "text_model": note,
+            "model": args.model,
         }
         rows.append(row)
         print(_line(row), flush=True)
@@ -214,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="skip timing the output files")
     parser.add_argument("--json", type=Path, help="also write the JSON report here")
+    parser.add_argument("--model", default="resnet50", help="resnet50 (random weights) or a model name/folder")
     args = parser.parse_args(argv)
     devices = args.device or (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
     full = ct_volume(tuple(args.shape))
