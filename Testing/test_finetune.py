@@ -98,6 +98,26 @@ def test_few_examples_raise_dice_on_held_out_images(tiny_afloc, examples):
     assert tuned > zero_shot + 0.2, (zero_shot, tuned)
 
 
+def test_cross_validation_picks_the_correction_weight_and_zero_means_zero_shot(tiny_afloc, examples, tmp_path):
+    adapter = finetune(tiny_afloc, examples[:3], "blob", epochs=25, seed=0, cv_folds=2)
+    v = adapter.metrics["validation"]
+    assert len(v["left_out"]) == 2 and set(v["left_out"]) <= set(adapter.example_ids)
+    scores = {float(b): d for b, d in v["dice_by_blend"].items()}
+    assert set(scores) == {0.0, 0.25, 0.5, 0.75, 1.0} and v["zero_shot_dice"] == scores[0.0]
+    assert adapter.config.blend == v["blend"] == max(scores, key=lambda b: (scores[b], -b))
+    # blobs are learnable: the left-out examples gain over zero-shot, so the head is kept
+    assert adapter.config.blend > 0 and scores[adapter.config.blend] > scores[0.0]
+    # the weight is saved with the adapter; weight 0 reproduces the zero-shot output exactly
+    loaded = afloc_engine.load_adapter(adapter.save(tmp_path), tiny_afloc)
+    assert loaded.config.blend == adapter.config.blend
+    image = examples[4][0]
+    loaded.config.blend = 0.0
+    plain = tiny_afloc.localize(image, PROMPT)
+    assert np.array_equal(tiny_afloc.localize(image, PROMPT, adapter=loaded).heatmaps, plain.heatmaps)
+    # one example: nothing to leave out
+    assert finetune(tiny_afloc, examples[:1], "blob", epochs=2).metrics["validation"] is None
+
+
 def test_without_refit_the_best_held_out_state_is_kept(tiny_afloc, examples):
     adapter = finetune(tiny_afloc, examples[:4], "blob", epochs=30, patience=3, refit=False, seed=1)
     m = adapter.metrics

@@ -84,6 +84,9 @@ class AdapterConfig:
     head_resolution: int = 0
     logit_scale: float = 4.0
     unfreeze_last_stage: bool = False
+    blend: float = 1.0
+    """Weight of the head's correction at inference (chosen by cross-validation on the examples;
+    0 = the zero-shot heatmap unchanged)."""
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -377,7 +380,7 @@ def localize_with_adapter(
     """:meth:`AFLoc.localize_batch` with an adapter: the adapter's findings get corrected heatmaps.
 
     The zero-shot heatmaps come from the unchanged base path (one encoder pass, whose features the
-    head reuses); heatmap = clip(zero-shot + correction, -1, 1); masks = heatmap > threshold.
+    head reuses); heatmap = clip(zero-shot + blend * correction, -1, 1); masks = heatmap > threshold.
     Probabilities are the zero-shot ones. Raises :class:`CheckpointError` for another base model,
     :class:`PromptError` when no prompt names one of the adapter's findings.
     """
@@ -431,7 +434,8 @@ def localize_with_adapter(
                     continue
                 k = zs_index[j]
                 refined = (
-                    torch.from_numpy(r.heatmaps[k]).to(delta.device) + correction_to_image(delta[j : j + 1], box)[0]
+                    torch.from_numpy(r.heatmaps[k]).to(delta.device)
+                    + adapter.config.blend * correction_to_image(delta[j : j + 1], box)[0]
                 )
                 heat[p] = refined.clamp(-1.0, 1.0).cpu().numpy().astype(np.float32)
             out.append(

@@ -397,6 +397,8 @@ def finetune(
     stage_lr: float = 1e-4,
     patience: int | None = None,
     refit: bool = True,
+    cv_folds: int = 3,
+    blend_grid: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     augment: AugmentConfig | None = None,
     seed: int = 0,
     out_dir: str | Path | None = None,
@@ -424,6 +426,9 @@ def finetune(
         unfreeze_last_stage: also tune a copy of the encoder's last local stage (ResNet only; slower).
         patience: epochs without held-out improvement before stopping (default: a quarter of the epochs).
         refit: after early stopping, retrain on all examples (including the held-out one).
+        cv_folds: with >= 2 examples, up to this many leave-one-out fits (0: none) choose the
+            correction's weight ``blend`` from ``blend_grid`` by the left-out examples' Dice; a head that
+            does not beat the zero-shot heatmap on them gets ``blend`` 0 (the zero-shot output).
         seed: seeds initialisation, augmentation, the held-out pick and the batch order.
         out_dir: if given, the adapter is saved to ``out_dir/<finding>-<timestamp>/``.
         progress: called with dicts ``{"phase": "encode"|"train"|"refit", "step", "total", "epoch",
@@ -466,7 +471,9 @@ def finetune(
         held_list = _make_views(model, held_ex, findings, n_views if refit else 1, rng, aug)
         n_epochs = _auto_epochs(len(view_list), batch_size) if epochs is None else int(epochs)
         refit_epochs_max = n_epochs if (held_list and refit) else 0
-        total = len(view_list) + len(held_list) + n_epochs + refit_epochs_max
+        # an rng of its own: the main fit is the same with or without cross-validation
+        folds = _pick_folds(parsed, findings, cv_folds, np.random.default_rng([seed, 1]))
+        total = len(view_list) + len(held_list) + n_epochs + refit_epochs_max + len(folds)
         done_steps = 0
 
         def on_chunk(n: int) -> None:
@@ -545,6 +552,25 @@ def finetune(
             train_run.load(best_state)
         final_train = train_run.evaluate(cache.take(originals))
         adapter.head.eval()
+        t_validate = time.monotonic()
+        validation = None
+        if folds:
+            fit_args = dict(
+                prompts=adapter.prompts, epochs=epochs, views=views, batch_size=batch_size, lr=lr,
+                weight_decay=weight_decay, focal_weight=focal_weight, logit_scale=logit_scale,
+                head_resolution=head_resolution, width=width, feature_dim=feature_dim,
+                unfreeze_last_stage=unfreeze_last_stage, stage_lr=stage_lr, patience=patience, refit=refit,
+                augment=aug, should_stop=should_stop,
+            )  # fmt: skip
+
+            def fold_done(n: int) -> None:
+                nonlocal done_steps
+                done_steps += 1
+                emit({"phase": "validate", "step": done_steps, "total": total, "fold": n})
+
+            validation = _cross_validate_blend(model, parsed, findings, folds, fit_args, blend_grid, seed, fold_done)
+            adapter.config.blend = validation["blend"]
+        validate_s = time.monotonic() - t_validate
 
     adapter.stage = stage.eval() if stage is not None else None
     adapter.example_ids = [ex.id for ex in train_ex]
@@ -559,6 +585,8 @@ def finetune(
         "focal_weight": focal_weight,
         "patience": patience_epochs if held_eval is not None else None,
         "refit": bool(refit_history),
+        "cv_folds": len(folds),
+        "blend_grid": [float(b) for b in blend_grid],
         "seed": seed,
         "augment": aug.to_dict(),
     }
@@ -577,12 +605,15 @@ def finetune(
         "heldout_dice": heldout_dice,
         "dice_note": "Dice of heatmap > threshold on the head grid (R x R over the canvas), letterbox padding "
         "excluded; heldout_dice is that of the best epoch before the refit on all examples",
+        "validation": validation,
+        "blend": adapter.config.blend,
         "history": history,
         "refit_history": refit_history,
         "seconds": {
             "encode": round(encode_s, 3),
             "train": round(train_s, 3),
             "refit": round(refit_s, 3),
+            "validate": round(validate_s, 3),
             "total": round(time.monotonic() - started, 3),
         },
         "device": str(dev),
@@ -591,6 +622,59 @@ def finetune(
     if out_dir is not None:
         adapter.save(out_dir)
     return adapter
+
+
+def _pick_folds(examples: list[Example], findings: list[str], n_folds: int, rng: np.random.Generator) -> list[int]:
+    """Indices of up to ``n_folds`` examples to leave out one at a time (>= 2 examples), each leaving
+    every finding in the rest."""
+    if n_folds <= 0 or len(examples) < 2:
+        return []
+    picked = []
+    for idx in rng.permutation(len(examples)):
+        rest = [ex for i, ex in enumerate(examples) if i != idx]
+        if all(any(f in ex.masks for ex in rest) for f in findings):
+            picked.append(int(idx))
+        if len(picked) == n_folds:
+            break
+    return picked
+
+
+def _cross_validate_blend(
+    model: AFLoc,
+    examples: list[Example],
+    findings: list[str],
+    folds: list[int],
+    fit_args: dict[str, Any],
+    blend_grid: Sequence[float],
+    seed: int,
+    on_fold: Callable[[int], None],
+) -> dict[str, Any]:
+    """Leave-one-out fits on ``folds``: mean Dice (at the model threshold, full resolution) of each left-out
+    example's heatmap for every blend weight; the best weight wins, ties to the smaller one (0 = zero-shot)."""
+    grid = sorted({float(b) for b in blend_grid} | {0.0})
+    scores = {b: [] for b in grid}
+    threshold = model.config.threshold
+    for n, idx in enumerate(folds):
+        rest = [ex for i, ex in enumerate(examples) if i != idx]
+        fold = finetune(model, rest, findings, cv_folds=0, seed=seed + 1 + n, **fit_args)
+        left = examples[idx]
+        for b in grid:
+            fold.config.blend = b
+            result = model.localize(left.image, fold.prompts, adapter=fold)
+            for j, f in enumerate(findings):
+                if f in left.masks:
+                    pred, truth = result.heatmaps[j] > threshold, left.masks[f] > 0
+                    total = pred.sum() + truth.sum()
+                    scores[b].append(float(2 * (pred & truth).sum() / total) if total else 1.0)
+        on_fold(n + 1)
+    mean = {b: float(np.mean(v)) for b, v in scores.items()}
+    best = max(grid, key=lambda b: (round(mean[b], 6), -b))
+    return {
+        "left_out": [examples[i].id for i in folds],
+        "dice_by_blend": {f"{b:g}": round(mean[b], 4) for b in grid},
+        "zero_shot_dice": round(mean[0.0], 4),
+        "blend": best,
+    }
 
 
 def _cat_views(a: _Views, b: _Views) -> _Views:
