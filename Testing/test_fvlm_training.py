@@ -60,6 +60,10 @@ def test_report_findings_and_disease_aware_targets():
     torch.testing.assert_close(targets(REPORTS), soft_targets(expected))
     # a context object with .texts (the trainer's BatchContext) works the same way
     torch.testing.assert_close(targets(type("Ctx", (), {"texts": REPORTS})()), soft_targets(expected))
+    # masked mode: the matches themselves, for the losses to drop from the softmax
+    assert DiseaseAwareTargets(mode="masked")(REPORTS).equal(expected)
+    with pytest.raises(ConfigError, match="soft or masked"):
+        DiseaseAwareTargets(mode="hard")
     # restricting the organs changes the qualification, not the normality
     lungs_only = DiseaseAwareTargets(organs=["lung"])
     assert report_findings(REPORTS[5], lungs_only.organs, lungs_only.keywords) == {
@@ -75,8 +79,9 @@ def test_fvlm_config_section(tmp_path):
     cfg = config_from_dict(base_config(manifest, fvlm={"false_negative": "soft", "organs": ["lung", "heart"]}))
     assert cfg.fvlm.false_negative == "soft" and cfg.fvlm.organs == ("lung", "heart")
     assert config_from_dict(base_config(manifest)).fvlm.false_negative == "none"
-    with pytest.raises(ConfigError, match="fvlm.false_negative must be none or soft"):
-        config_from_dict(base_config(manifest, fvlm={"false_negative": "masked"}))
+    assert config_from_dict(base_config(manifest, fvlm={"false_negative": "masked"})).fvlm.false_negative == "masked"
+    with pytest.raises(ConfigError, match="fvlm.false_negative must be none, soft or masked"):
+        config_from_dict(base_config(manifest, fvlm={"false_negative": "hard"}))
     with pytest.raises(ConfigError, match="unknown config key"):
         config_from_dict(base_config(manifest, fvlm={"false_negatives": "soft"}))
 
@@ -89,6 +94,8 @@ def test_trainer_builds_its_targets_from_the_config_and_reports_bad_keyword_maps
     cfg = config_from_dict(base_config(manifest, fvlm={"false_negative": "soft"}))
     trainer = Trainer(cfg, tmp_path / "run", progress="none")
     assert isinstance(trainer.target_fn, DiseaseAwareTargets)
+    masked = config_from_dict(base_config(manifest, fvlm={"false_negative": "masked"}))
+    assert Trainer(masked, tmp_path / "run", progress="none").target_fn.mode == "masked"
     with pytest.raises(ConfigError, match="use one"):
         Trainer(cfg, tmp_path / "run", progress="none", target_fn=lambda ctx: None)
     bad = tmp_path / "organs.json"

@@ -70,6 +70,22 @@ def test_symmetric_infonce_prefers_matched_pairs_and_soft_identity_equals_hard()
     torch.testing.assert_close(symmetric_infonce(logits), symmetric_infonce(logits, torch.eye(6)))
 
 
+def test_masked_negatives_leave_the_softmax_and_keep_the_diagonal_target():
+    logits = torch.tensor([[2.0, 1.0, 0.5], [0.3, 1.5, -1.0], [0.0, 2.5, 1.0]])
+    pairs = torch.eye(3, dtype=torch.bool)
+    pairs[0, 1] = pairs[1, 0] = True  # reports 0 and 1 say the same: not negatives of each other
+
+    def ce(values, target):  # -log softmax(values)[target], by hand
+        return -(values[target] - torch.logsumexp(values, 0))
+
+    i2t = ce(logits[0, [0, 2]], 0) + ce(logits[1, [1, 2]], 0) + ce(logits[2], 2)
+    t2i = ce(logits[[0, 2], 0], 0) + ce(logits[[1, 2], 1], 0) + ce(logits[:, 2], 2)
+    expected = (i2t + t2i) / 6
+    torch.testing.assert_close(symmetric_infonce(logits, pairs), expected)
+    # no matches besides the diagonal: the plain loss
+    torch.testing.assert_close(symmetric_infonce(logits, torch.eye(3, dtype=torch.bool)), symmetric_infonce(logits))
+
+
 def _features(b=4, d=12, requires_grad=True):
     g = torch.Generator().manual_seed(2)
 

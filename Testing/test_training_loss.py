@@ -48,7 +48,7 @@ def _engine(image, text, c, targets=None):
     )
 
 
-@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("soft", [False, True, "masked"])
 def test_row_column_shares_equal_afloc_loss_and_its_gradients(soft):
     """The DDP form (rows of own images, columns of own reports) at world 1 equals afloc_loss exactly."""
     from training.distributed import DistInfo
@@ -57,7 +57,10 @@ def test_row_column_shares_equal_afloc_loss_and_its_gradients(soft):
     c = AFLocConfig(embed_dim=8, weight_word=0.5, z_aggregation="mean")
     image, text = _features()
     targets = None
-    if soft:
+    if soft == "masked":  # not-a-negative pairs: 0~3 and 1~4 (symmetric, diagonal set)
+        targets = torch.eye(5, dtype=torch.bool)
+        targets[0, 3] = targets[3, 0] = targets[1, 4] = targets[4, 1] = True
+    elif soft:
         targets = torch.eye(5, dtype=torch.float64) + 0.5 * (torch.rand(5, 5, dtype=torch.float64) > 0.6)
         targets = targets / targets.sum(1, keepdim=True)
     want = _engine(image, text, c, targets)

@@ -468,9 +468,11 @@ class DiseaseAwareTargets:
     """Patient-level false-negative calibration from report text, for a trainer's ``target_fn`` hook.
 
     Called with anything that has ``.texts`` (B reports; the trainer's ``BatchContext``) or with the
-    reports themselves; returns (B, B) soft targets whose rows sum to 1: a report's targets spread
-    over itself, every other normal report when it is normal, and every report sharing one of its
-    disease labels (:func:`report_findings`).
+    reports themselves. Matches of a report: itself, every other normal report when it is normal, and
+    every report sharing one of its disease labels (:func:`report_findings`). ``mode="soft"`` returns
+    (B, B) float soft targets spread over the matches (rows sum to 1); ``mode="masked"`` the (B, B) bool
+    matches, which the losses remove from the softmax as negatives
+    (:func:`afloc_engine.losses.symmetric_infonce`).
     """
 
     def __init__(
@@ -478,7 +480,11 @@ class DiseaseAwareTargets:
         organs: Sequence[str] = (),
         keywords: Mapping[str, Sequence[str]] | str | Path | None = None,
         disease_keywords: Sequence[str] = (),
+        mode: str = "soft",
     ) -> None:
+        if mode not in ("soft", "masked"):
+            raise ConfigError(f"false-negative mode must be soft or masked, not {mode!r}")
+        self.mode = mode
         self.keywords = load_keyword_map(keywords)
         self.organs = tuple(organs) or tuple(self.keywords)
         missing = [o for o in self.organs if o not in self.keywords]
@@ -494,7 +500,8 @@ class DiseaseAwareTargets:
 
     def __call__(self, context: Any) -> torch.Tensor:  # noqa: ANN401 (BatchContext or a list of reports)
         reports = context.texts if hasattr(context, "texts") else context
-        return soft_targets(self.pairs(list(reports)))
+        pairs = self.pairs(list(reports))
+        return pairs if self.mode == "masked" else soft_targets(pairs)
 
 
 # --- the trainer-facing piece ---------------------------------------------------------------------

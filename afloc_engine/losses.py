@@ -196,11 +196,17 @@ def global_similarity(image: torch.Tensor, report: torch.Tensor) -> torch.Tensor
 def symmetric_infonce(logits: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of image->text and text->image cross-entropy on a (B, B) logit matrix.
 
-    ``targets`` (B, B) soft targets (rows sum to 1) replace the identity when given.
+    ``targets`` (B, B), when given, calibrates false negatives: float soft targets (rows sum to 1)
+    replace the identity; a bool matrix marks pairs that are *not* negatives of each other (masked
+    negatives: those off-diagonal logits leave the softmax, the target stays the diagonal).
     """
+    labels = torch.arange(logits.shape[0], device=logits.device)
     if targets is None:
-        labels = torch.arange(logits.shape[0], device=logits.device)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    if targets.dtype == torch.bool:
+        exclude = targets & ~torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+        masked = _at_least_f32(logits).masked_fill(exclude, _NEG)
+        return 0.5 * (F.cross_entropy(masked, labels) + F.cross_entropy(masked.t(), labels))
     return 0.5 * (
         F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets.t() / targets.t().sum(1, keepdim=True))
     )
@@ -236,7 +242,8 @@ def afloc_loss(
 
     shallow: (B, D, *grid) or (B, M_s, D); deep likewise; image_global (B, D); words (B, W, D),
     word_mask (B, W); sentences (B, S, D), sentence_mask (B, S); report (B, D). ``targets``:
-    optional (B, B) soft targets (false-negative calibration); identity otherwise.
+    optional (B, B) false-negative calibration: float soft targets or bool not-a-negative pairs (see
+    :func:`symmetric_infonce`); identity otherwise.
     """
     w_word, w_sent, w_glob = weights
     zero = image_global.new_zeros(())

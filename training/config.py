@@ -166,8 +166,8 @@ class FVLMConfig:
     """fVLM false-negative calibration of the patient-level losses (issue 8; :mod:`afloc_engine.fvlm`)."""
 
     false_negative: str = "none"
-    """``none`` (identity targets) or ``soft``: report pairs that are both normal or share a disease
-    label become soft positives (``masked`` negatives exist only in the anatomy-level loss)."""
+    """``none`` (identity targets), ``soft`` (report pairs that are both normal or share a disease label
+    become soft positives) or ``masked`` (those pairs leave the softmax as negatives)."""
     organs: tuple[str, ...] = ()
     """Organs of the keyword map used to qualify disease labels (empty: every organ of the map)."""
     keywords: str | None = None
@@ -253,11 +253,8 @@ def _problems(c: TrainConfig) -> list[str]:
         out.append("augment: 0 < crop_scale[0] <= crop_scale[1] <= 1 and 0 < keep_fraction <= 1 are required")
     if c.freeze.text_layers < 0 or not 0 <= c.freeze.image_stages <= 4:
         out.append("freeze: text_layers >= 0 and 0 <= image_stages <= 4 are required")
-    if c.fvlm.false_negative not in ("none", "soft"):
-        out.append(
-            f"fvlm.false_negative must be none or soft, not {c.fvlm.false_negative!r} "
-            "(the patient-level losses take soft targets; masked negatives are an anatomy-level option)"
-        )
+    if c.fvlm.false_negative not in ("none", "soft", "masked"):
+        out.append(f"fvlm.false_negative must be none, soft or masked, not {c.fvlm.false_negative!r}")
     if c.log.every < 1 or c.log.keep < 1 or c.log.checkpoint_every < 0 or not c.log.recall_k:
         out.append("log: every >= 1, keep >= 1, checkpoint_every >= 0 and a non-empty recall_k are required")
     return out

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from afloc_engine.config import AFLocConfig
-from afloc_engine.losses import AFLocLosses, afloc_loss, as_regions, global_similarity, local_similarity
+from afloc_engine.losses import _NEG, AFLocLosses, afloc_loss, as_regions, global_similarity, local_similarity
 from afloc_engine.models import ImageFeatures, TextFeatures
 from training.distributed import DistInfo, gather, max_across
 
@@ -31,7 +31,8 @@ def training_loss(
     """This rank's share of the AFLoc loss of the global batch (the shares of all ranks sum to it).
 
     image / text: features of this rank's b matched pairs. targets: optional (B, B) soft targets
-    of the global batch (B = world * b), rows image, columns report. extra_text: E text-only reports
+    (float) or not-a-negative pairs (bool, masked negatives) of the global batch (B = world * b),
+    rows image, columns report. extra_text: E text-only reports
     that join the image -> report side as negatives only.
     """
     info = dist_info or DistInfo()
@@ -90,10 +91,16 @@ def _sharded_loss(
     def share(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """rows: (b, B [+E]) logits of this rank's images; cols: (b, B) logits of this rank's reports."""
         rows, cols = _f32(rows) * c.tau3, _f32(cols) * c.tau3
+        labels = torch.arange(offset, offset + b, device=device)
         if targets is None:
-            labels = torch.arange(offset, offset + b, device=device)
             i2t = F.cross_entropy(rows, labels, reduction="sum")
             t2i = F.cross_entropy(cols, labels, reduction="sum")
+        elif targets.dtype == torch.bool:  # masked negatives: matches other than the diagonal leave the softmax
+            own = F.one_hot(labels, total_b).bool()
+            ex_rows = F.pad(targets[offset : offset + b] & ~own, (0, rows.shape[1] - total_b), value=False)
+            ex_cols = targets.t()[offset : offset + b] & ~own
+            i2t = F.cross_entropy(rows.masked_fill(ex_rows, _NEG), labels, reduction="sum")
+            t2i = F.cross_entropy(cols.masked_fill(ex_cols, _NEG), labels, reduction="sum")
         else:
             t_rows = targets[offset : offset + b].to(rows.dtype)
             t_rows = F.pad(t_rows, (0, rows.shape[1] - total_b))

@@ -12,7 +12,7 @@ Run folder::
     <run>/model/                the final model folder (``afloc localize --model <run>/model``)
 
 Hooks (fVLM, issue 8): ``Trainer(config, run_dir, target_fn=..., extra_losses=(...))``; the config's
-``fvlm.false_negative: soft`` installs :class:`afloc_engine.fvlm.DiseaseAwareTargets` as ``target_fn``.
+``fvlm.false_negative: soft|masked`` installs :class:`afloc_engine.fvlm.DiseaseAwareTargets` as ``target_fn``.
 ``target_fn(ctx: BatchContext) -> (B, B) tensor | None`` gives soft contrastive targets for the
 global batch (rows: images, columns: reports; each row sums to 1); ``extra_losses`` are callables
 ``fn(out: StepOutputs) -> tensor | dict[str, tensor]`` whose values are added to the loss (per
@@ -175,7 +175,7 @@ class Trainer:
 
             f = config.fvlm
             try:
-                target_fn = DiseaseAwareTargets(f.organs, f.keywords, f.disease_keywords)
+                target_fn = DiseaseAwareTargets(f.organs, f.keywords, f.disease_keywords, mode=f.false_negative)
             except ConfigError as err:
                 raise ConfigError(f"fvlm: {err.problem}", err.path or config.source) from None
         self.target_fn = target_fn
@@ -570,7 +570,7 @@ class Trainer:
         context = self._context(batch) if need_context else None
         targets = self.target_fn(context) if self.target_fn is not None else None
         if targets is not None:
-            targets = targets.to(self.device, torch.float32)
+            targets = targets.to(self.device, torch.bool if targets.dtype == torch.bool else torch.float32)
         no_sync = self.net.no_sync() if (self.dist.enabled and not sync) else nullcontext()
         with no_sync:
             with self.autocast:
