@@ -70,9 +70,13 @@ def test_cli_reports_json_steps_and_writes_the_adapter(model_dir, files, tmp_pat
     assert len(train) == 3 and all(np.isfinite(e["loss"]) for e in train)
     done = events[-1]
     assert done["event"] == "done" and done["finding"] == "blob"
+    # three images: three leave-one-out fits (one progress step each) choose the correction's weight
+    assert len([e for e in steps if e["message"] == "validate"]) == 3 and steps[-1]["step"] == steps[-1]["total"]
+    assert len(done["validation"]["left_out"]) == 3 and done["blend"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     folder = out / os.path.basename(done["adapter"])
     assert folder.is_dir() and (folder / "adapter.safetensors").is_file()
     meta = json.loads((folder / "adapter.json").read_text())
+    assert meta["config"]["blend"] == done["blend"]
     assert meta["training_examples"] == ["img0.png", "img1.png", "img2.png"]
     assert [p.name for p in out.iterdir()] == [folder.name]
 

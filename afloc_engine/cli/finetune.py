@@ -36,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--views", type=int, default=None, help="encoded views per image (default: auto)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same adapter)")
     parser.add_argument("--unfreeze-last-stage", action="store_true", help="also tune the encoder's last stage")
+    parser.add_argument(
+        "--cv-folds",
+        type=int,
+        default=3,
+        help="leave-one-out fits that choose the correction's weight (0: none; needs >= 2 images; default 3)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     add_model_arguments(parser)
     add_progress_argument(parser)
@@ -83,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             views=args.views,
             seed=args.seed,
             unfreeze_last_stage=args.unfreeze_last_stage,
+            cv_folds=args.cv_folds,
             progress=report,
         )
         path = adapter.save(args.out)
@@ -106,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
             trained=model.info.trained,
             heldout_dice=m.get("heldout_dice"),
             heldout_dice_zero_shot=m.get("heldout_dice_zero_shot"),
+            blend=m.get("blend"),
+            validation=m.get("validation"),
             seconds=m.get("seconds", {}).get("total"),
         )
     else:
