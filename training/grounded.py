@@ -162,7 +162,7 @@ def pretrain(
                 losses["total"].backward()
                 optimizer.step()
                 schedule.step()
-                row = {k: float(v) for k, v in losses.items()}
+                row = {k: float(v.detach()) for k, v in losses.items()}
                 history.append({"epoch": epoch + 1, **row})
                 bar.update(1, loss=row["total"], local=row["local"], glob=row["global"])
     info = ModelInfo(
