@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,10 +21,8 @@ from afloc_engine.heatmap import grid_to_image, similarity_maps
 from afloc_engine.io import ImageData, read_image
 from afloc_engine.models import AFLocModel
 from afloc_engine.prompts import negative_prompt, validate_prompts
+from afloc_engine.results import LocalizationResult, VolumeResult
 from afloc_engine.transforms import Letterbox, prepare_image
-
-if TYPE_CHECKING:  # pragma: no cover
-    from afloc_engine.volume import VolumeResult
 
 log = logging.getLogger(__name__)
 
@@ -35,40 +32,6 @@ UNTRAINED_WARNING = (
     "UNTRAINED MODEL: the default model's weights are random; heatmaps and probabilities mean nothing. "
     "Install a trained model (afloc models install) or pass a trained model folder."
 )
-
-
-@dataclass
-class LocalizationResult:
-    """Heatmaps, masks and zero-shot probabilities of P prompts on one image.
-
-    heatmaps: (P, H, W) float32 in [-1, 1] on the input's pixel grid (same geometry as ``image``).
-    masks: (P, H, W) bool, ``heatmaps > threshold``. probabilities: (P,) float32, P(finding
-    present) from the prompt against its negative ("No {finding}").
-    """
-
-    prompts: list[str]
-    heatmaps: np.ndarray
-    masks: np.ndarray
-    probabilities: np.ndarray
-    threshold: float
-    image: ImageData
-    model_id: str
-    trained: bool
-    negative_prompts: list[str] = field(default_factory=list)
-
-    def with_threshold(self, threshold: float) -> LocalizationResult:
-        """The same heatmaps thresholded anew (no network run)."""
-        return LocalizationResult(
-            self.prompts,
-            self.heatmaps,
-            self.heatmaps > threshold,
-            self.probabilities,
-            float(threshold),
-            self.image,
-            self.model_id,
-            self.trained,
-            self.negative_prompts,
-        )
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,6 +34,7 @@ from afloc_engine.errors import AFLocError, ImageReadError
 from afloc_engine.heatmap import gaussian_smooth, similarity_maps
 from afloc_engine.io import ImageData
 from afloc_engine.prompts import negative_prompt, validate_prompts
+from afloc_engine.results import VolumeResult
 from afloc_engine.transforms import Letterbox
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,38 +48,6 @@ NORMALIZATIONS = ("volume", "slice")
 WindowSpec = str | tuple[float, float] | None
 """``"auto"`` (file window, else CT window for CT-like data, else percentiles), ``"ct"``,
 ``"percentile"``, or an explicit (low, high) pair in the image's units."""
-
-
-@dataclass
-class VolumeResult:
-    """Heatmaps, masks and probabilities of P prompts on one volume (same fields as ``LocalizationResult``).
-
-    heatmaps: (P, Z, Y, X) float32 in [-1, 1] on the input's voxel grid (geometry in ``image``).
-    masks: (P, Z, Y, X) bool, ``heatmaps > threshold``. probabilities: (P,) float32, P(finding
-    present) = the maximum over slices (slice-wise) or of the whole volume (native 3D).
-    slice_probabilities: (N, P) per slice along ``axis`` (slice-wise; (1, P) for a native 3D model).
-    window: the (low, high) intensity window applied before the 2D normalisation.
-    """
-
-    prompts: list[str]
-    heatmaps: np.ndarray
-    masks: np.ndarray
-    probabilities: np.ndarray
-    threshold: float
-    image: ImageData
-    model_id: str
-    trained: bool
-    negative_prompts: list[str] = field(default_factory=list)
-    axis: int = 0
-    normalization: str = "volume"
-    slice_probabilities: np.ndarray | None = None
-    window: tuple[float, float] | None = None
-
-    def with_threshold(self, threshold: float) -> VolumeResult:
-        """The same heatmaps thresholded anew (no network run)."""
-        import dataclasses
-
-        return dataclasses.replace(self, masks=self.heatmaps > threshold, threshold=float(threshold))
 
 
 # --- intensities --------------------------------------------------------------------------------

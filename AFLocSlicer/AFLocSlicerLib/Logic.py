@@ -726,16 +726,8 @@ class AFLocLogic:
 
 def writeMask(mask: np.ndarray, referenceVolume: Any, path: Path) -> Path:
     """Write a (K, J, I) bool mask as a uint8 0/1 NRRD with ``referenceVolume``'s geometry."""
-    import vtk
-    from vtk.util import numpy_support
-
-    image = vtk.vtkImageData()
-    k, j, i = mask.shape
-    image.SetDimensions(i, j, k)
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = mask.astype(np.uint8).ravel()
     node = slicer.vtkMRMLLabelMapVolumeNode()
-    node.SetAndObserveImageData(image)
+    node.SetAndObserveImageData(Results.maskImageData(mask))
     node.CopyOrientation(referenceVolume)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))

@@ -54,17 +54,6 @@ HEAT_STOPS = np.array(
 )
 """Columns: value, R, G, B, alpha. Dark red -> red -> orange -> yellow; never white, so hot stays visible on bone."""
 
-SEGMENT_COLORS = [
-    (0.90, 0.30, 0.25),
-    (0.20, 0.60, 0.90),
-    (0.95, 0.75, 0.10),
-    (0.30, 0.75, 0.35),
-    (0.65, 0.40, 0.85),
-    (0.95, 0.50, 0.15),
-    (0.25, 0.80, 0.80),
-    (0.85, 0.35, 0.60),
-]
-
 # SNOMED CT codes of findings, so that DICOM SEG export carries a standard property type.
 # Findings not listed get a local code (designator "99AFLOC", DICOM's private-scheme convention).
 FINDING_CODES = {
@@ -196,7 +185,9 @@ def heatColorNode(scene: Any, create: bool = True) -> Any:
 
 
 def segmentColor(index: int) -> tuple[float, float, float]:
-    """A distinct RGB colour (0..1) for segment ``index``."""
+    """A distinct RGB colour (0..1) for segment ``index``: the engine's, so the scene matches its files."""
+    from afloc_engine.outputs import SEGMENT_COLORS
+
     return SEGMENT_COLORS[index % len(SEGMENT_COLORS)]
 
 
@@ -356,13 +347,19 @@ def _readMasks(path: Path, shape: tuple[int, ...], count: int) -> list[np.ndarra
     return masks
 
 
+def maskImageData(mask: np.ndarray, imageClass: Any = None) -> Any:  # noqa: ANN401 (a vtkImageData)
+    """A (K, J, I) bool mask as a 0/1 uint8 ``imageClass`` (default ``vtk.vtkImageData``), no geometry."""
+    image = (imageClass or vtk.vtkImageData)()
+    k, j, i = mask.shape
+    image.SetDimensions(i, j, k)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = mask.astype(np.uint8).ravel()
+    return image
+
+
 def setSegmentMask(segmentationNode: Any, segmentId: str, mask: np.ndarray, referenceVolume: Any) -> None:
     """Replace a segment's binary labelmap by ``mask`` (K, J, I) bool on ``referenceVolume``'s voxel grid."""
-    labelmap = slicer.vtkOrientedImageData()
-    k, j, i = mask.shape
-    labelmap.SetDimensions(i, j, k)
-    labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = mask.astype(np.uint8).ravel()
+    labelmap = maskImageData(mask, slicer.vtkOrientedImageData)
     matrix = vtk.vtkMatrix4x4()
     referenceVolume.GetIJKToRASMatrix(matrix)
     labelmap.SetImageToWorldMatrix(matrix)

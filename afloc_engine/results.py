@@ -1,0 +1,51 @@
+"""What a localisation returns: heatmaps, masks and zero-shot probabilities of P prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from afloc_engine.io import ImageData
+
+
+@dataclass
+class LocalizationResult:
+    """Heatmaps, masks and zero-shot probabilities of P prompts on one image.
+
+    heatmaps: (P, H, W) float32 in [-1, 1] on the input's pixel grid (same geometry as ``image``).
+    masks: (P, H, W) bool, ``heatmaps > threshold``. probabilities: (P,) float32, P(finding
+    present) from the prompt against its negative ("No {finding}").
+    """
+
+    prompts: list[str]
+    heatmaps: np.ndarray
+    masks: np.ndarray
+    probabilities: np.ndarray
+    threshold: float
+    image: ImageData
+    model_id: str
+    trained: bool
+    negative_prompts: list[str] = field(default_factory=list)
+
+    def with_threshold(self, threshold: float) -> LocalizationResult:
+        """The same heatmaps thresholded anew (no network run); a result of the same type."""
+        return dataclasses.replace(self, masks=self.heatmaps > threshold, threshold=float(threshold))
+
+
+@dataclass
+class VolumeResult(LocalizationResult):
+    """The fields of :class:`LocalizationResult` for P prompts on one volume, plus how it was sliced.
+
+    heatmaps: (P, Z, Y, X) float32 in [-1, 1] on the input's voxel grid (geometry in ``image``).
+    masks: (P, Z, Y, X) bool, ``heatmaps > threshold``. probabilities: (P,) float32, P(finding
+    present) = the maximum over slices (slice-wise) or of the whole volume (native 3D).
+    slice_probabilities: (N, P) per slice along ``axis`` (slice-wise; (1, P) for a native 3D model).
+    window: the (low, high) intensity window applied before the 2D normalisation.
+    """
+
+    axis: int = 0
+    normalization: str = "volume"
+    slice_probabilities: np.ndarray | None = None
+    window: tuple[float, float] | None = None
