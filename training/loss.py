@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from afloc_engine.config import AFLocConfig
-from afloc_engine.losses import _NEG, AFLocLosses, afloc_loss, as_regions, global_similarity, local_similarity
+from afloc_engine.losses import _NEG, AFLocLosses, as_regions, global_similarity, local_similarity
 from afloc_engine.models import ImageFeatures, TextFeatures
+from afloc_engine.models.afloc import features_loss
 from training.distributed import DistInfo, gather, max_across
 
 
@@ -37,23 +38,7 @@ def training_loss(
     """
     info = dist_info or DistInfo()
     if not info.enabled and extra_text is None:
-        return afloc_loss(
-            image.shallow,
-            image.deep,
-            image.global_,
-            text.words,
-            text.word_mask,
-            text.sentences,
-            text.sentence_mask,
-            text.report,
-            tau1=config.tau1,
-            tau2=config.tau2,
-            tau3=config.tau3,
-            weights=(config.weight_word, config.weight_sentence, config.weight_global),
-            aggregation=config.z_aggregation,
-            targets=targets,
-            chunk_size=chunk_size,
-        )
+        return features_loss(image, text, config, targets, chunk_size)
     return _sharded_loss(image, text, config, info, targets, extra_text, chunk_size)
 
 

@@ -36,25 +36,37 @@ class AFLocModel(nn.Module):
         targets: torch.Tensor | None = None,
         chunk_size: int | None = None,
     ) -> AFLocLosses:
-        """The weighted AFLoc loss of a batch of matched pairs (see :func:`afloc_engine.losses.afloc_loss`)."""
-        c = self.config
-        return afloc_loss(
-            image_features.shallow,
-            image_features.deep,
-            image_features.global_,
-            text_features.words,
-            text_features.word_mask,
-            text_features.sentences,
-            text_features.sentence_mask,
-            text_features.report,
-            tau1=c.tau1,
-            tau2=c.tau2,
-            tau3=c.tau3,
-            weights=(c.weight_word, c.weight_sentence, c.weight_global),
-            aggregation=c.z_aggregation,
-            targets=targets,
-            chunk_size=chunk_size,
-        )
+        """The weighted AFLoc loss of a batch of matched pairs (see :func:`features_loss`)."""
+        return features_loss(image_features, text_features, self.config, targets, chunk_size)
 
     def forward(self, images: torch.Tensor, tokens: TokenizedReports) -> AFLocLosses:
         return self.loss(self.encode_images(images), self.encode_text(tokens))
+
+
+def features_loss(
+    image: ImageFeatures,
+    text: TextFeatures,
+    config: AFLocConfig,
+    targets: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> AFLocLosses:
+    """:func:`afloc_engine.losses.afloc_loss` of B matched pairs with ``config``'s temperatures, level
+    weights and Z aggregation. targets: optional (B, B) false-negative calibration."""
+    c = config
+    return afloc_loss(
+        image.shallow,
+        image.deep,
+        image.global_,
+        text.words,
+        text.word_mask,
+        text.sentences,
+        text.sentence_mask,
+        text.report,
+        tau1=c.tau1,
+        tau2=c.tau2,
+        tau3=c.tau3,
+        weights=(c.weight_word, c.weight_sentence, c.weight_global),
+        aggregation=c.z_aggregation,
+        targets=targets,
+        chunk_size=chunk_size,
+    )
