@@ -107,15 +107,24 @@ def test_cross_validation_picks_the_correction_weight_and_zero_means_zero_shot(t
     assert adapter.config.blend == v["blend"] == max(scores, key=lambda b: (scores[b], -b))
     # blobs are learnable: the left-out examples gain over zero-shot, so the head is kept
     assert adapter.config.blend > 0 and scores[adapter.config.blend] > scores[0.0]
-    # the weight is saved with the adapter; weight 0 reproduces the zero-shot output exactly
+    # the two fold heads stay as members, averaged with the main head; all of it survives a save
+    assert len(adapter.members) == adapter.config.members == 2 and adapter.config.training["bag"]
     loaded = afloc_engine.load_adapter(adapter.save(tmp_path), tiny_afloc)
-    assert loaded.config.blend == adapter.config.blend
+    assert loaded.config.blend == adapter.config.blend and len(loaded.members) == 2
     image = examples[4][0]
+    before = tiny_afloc.localize(image, PROMPT, adapter=adapter).heatmaps
+    assert np.array_equal(tiny_afloc.localize(image, PROMPT, adapter=loaded).heatmaps, before)
+    alone = afloc_engine.load_adapter(adapter.path, tiny_afloc)
+    alone.set_members([])
+    assert not np.array_equal(tiny_afloc.localize(image, PROMPT, adapter=alone).heatmaps, before)
+    # weight 0 reproduces the zero-shot output exactly
     loaded.config.blend = 0.0
     plain = tiny_afloc.localize(image, PROMPT)
     assert np.array_equal(tiny_afloc.localize(image, PROMPT, adapter=loaded).heatmaps, plain.heatmaps)
-    # one example: nothing to leave out
+    # one example: nothing to leave out; bag=False: the folds choose the weight, the main head stays alone
     assert finetune(tiny_afloc, examples[:1], "blob", epochs=2).metrics["validation"] is None
+    single = finetune(tiny_afloc, examples[:3], "blob", epochs=2, cv_folds=2, bag=False)
+    assert single.members == [] and single.config.members == 0 and single.metrics["validation"] is not None
 
 
 def test_without_refit_the_best_held_out_state_is_kept(tiny_afloc, examples):

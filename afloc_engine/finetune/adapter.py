@@ -87,6 +87,8 @@ class AdapterConfig:
     blend: float = 1.0
     """Weight of the head's correction at inference (chosen by cross-validation on the examples;
     0 = the zero-shot heatmap unchanged)."""
+    members: int = 0
+    """Extra heads (the leave-one-out fits) whose corrections are averaged with the main head's."""
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,6 +129,7 @@ class Adapter:
         created: str | None = None,
         metrics: dict[str, Any] | None = None,
         path: Path | None = None,
+        members: Sequence[tuple[AdapterHead, TunedStage | None]] = (),
     ) -> None:
         self.config = config
         self.base_model_id = base_model_id
@@ -137,6 +140,13 @@ class Adapter:
         self.created = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.metrics = dict(metrics or {})
         self.path = path
+        self.members: list[tuple[AdapterHead, TunedStage | None]] = []
+        self.set_members(members)
+
+    def set_members(self, members: Sequence[tuple[AdapterHead, TunedStage | None]]) -> None:
+        """Heads (with their tuned stage, if any) averaged with the main head; ``config.members`` follows."""
+        self.members = [(h.eval(), st.eval() if st is not None else None) for h, st in members]
+        self.config.members = len(self.members)
 
     # --- identity ------------------------------------------------------------------------------
     @property
@@ -175,9 +185,10 @@ class Adapter:
         return out
 
     def to(self, device: torch.device | str) -> Adapter:
-        self.head.to(device)
-        if self.stage is not None:
-            self.stage.to(device)
+        for head, stage in [(self.head, self.stage), *self.members]:
+            head.to(device)
+            if stage is not None:
+                stage.to(device)
         return self
 
     # --- the head ------------------------------------------------------------------------------
@@ -191,23 +202,33 @@ class Adapter:
     ) -> torch.Tensor:
         """Heatmap correction (B, F, R, R) from encoder features (B, D, g, g) and head-grid inputs.
 
-        See :class:`AdapterHead`; the features are reduced by the head's PCA first.
+        See :class:`AdapterHead`; the features are reduced by each head's PCA first; with members,
+        the mean of the main head's and the members' corrections.
 
         With a tuned last stage, ``s8`` (the frozen stride-8 map) replaces the base deep features.
         """
-        if self.stage is not None:
-            if s8 is None:
-                raise ValueError("this adapter tunes the last encoder stage and needs the stride-8 features")
-            deep = self.stage(s8)
-        return self.head(self.head.reduce(shallow, "shallow"), self.head.reduce(deep, "deep"), zero_shot, image)
+        corrections = []
+        for head, stage in [(self.head, self.stage), *self.members]:
+            level = deep
+            if stage is not None:
+                if s8 is None:
+                    raise ValueError("this adapter tunes the last encoder stage and needs the stride-8 features")
+                level = stage(s8)
+            corrections.append(head(head.reduce(shallow, "shallow"), head.reduce(level, "deep"), zero_shot, image))
+        return corrections[0] if len(corrections) == 1 else torch.stack(corrections).mean(0)
 
     # --- files ---------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Weights to save: ``head.*`` (and ``stage.*``), contiguous CPU float32."""
-        state = {f"head.{k}": v for k, v in self.head.state_dict().items()}
-        if self.stage is not None:
-            state.update({f"stage.{k}": v for k, v in self.stage.state_dict().items()})
+        """Weights to save: ``head.*`` (and ``stage.*``), ``member<i>.head.*`` ..., contiguous CPU float32."""
+        state = {}
+        for prefix, (head, stage) in zip(self._prefixes(), [(self.head, self.stage), *self.members]):
+            state.update({f"{prefix}head.{k}": v for k, v in head.state_dict().items()})
+            if stage is not None:
+                state.update({f"{prefix}stage.{k}": v for k, v in stage.state_dict().items()})
         return {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+    def _prefixes(self) -> list[str]:
+        return [""] + [f"member{i}." for i in range(len(self.members))]
 
     def describe(self) -> dict[str, Any]:
         """The content of ``adapter.json``."""
@@ -323,6 +344,14 @@ def load_adapter(path: str | Path, model: AFLoc | None = None) -> Adapter:
     _load_module(head, state, "head.", weights_path)
     if stage is not None:
         _load_module(stage, state, "stage.", weights_path)
+    members = []
+    for i in range(config.members):
+        member_head, member_stage = AdapterHead(config.head), None
+        _load_module(member_head, state, f"member{i}.head.", weights_path)
+        if stage is not None:
+            member_stage = TunedStage.from_encoder(model.model.image_encoder)
+            _load_module(member_stage, state, f"member{i}.stage.", weights_path)
+        members.append((member_head, member_stage))
     metrics = {}
     if (folder / ADAPTER_METRICS).is_file():
         try:
@@ -339,6 +368,7 @@ def load_adapter(path: str | Path, model: AFLoc | None = None) -> Adapter:
         meta.get("created"),
         metrics,
         folder,
+        members,
     )
     if model is not None:
         adapter.check_base(model)

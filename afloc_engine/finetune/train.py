@@ -399,6 +399,7 @@ def finetune(
     refit: bool = True,
     cv_folds: int = 3,
     blend_grid: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    bag: bool = True,
     augment: AugmentConfig | None = None,
     seed: int = 0,
     out_dir: str | Path | None = None,
@@ -429,6 +430,8 @@ def finetune(
         cv_folds: with >= 2 examples, up to this many leave-one-out fits (0: none) choose the
             correction's weight ``blend`` from ``blend_grid`` by the left-out examples' Dice; a head that
             does not beat the zero-shot heatmap on them gets ``blend`` 0 (the zero-shot output).
+        bag: keep the leave-one-out heads as members whose corrections are averaged with the main
+            head's (less variance from one unlucky fit); False keeps the main head alone.
         seed: seeds initialisation, augmentation, the held-out pick and the batch order.
         out_dir: if given, the adapter is saved to ``out_dir/<finding>-<timestamp>/``.
         progress: called with dicts ``{"phase": "encode"|"train"|"refit", "step", "total", "epoch",
@@ -568,8 +571,12 @@ def finetune(
                 done_steps += 1
                 emit({"phase": "validate", "step": done_steps, "total": total, "fold": n})
 
-            validation = _cross_validate_blend(model, parsed, findings, folds, fit_args, blend_grid, seed, fold_done)
+            validation, fold_adapters = _cross_validate_blend(
+                model, parsed, findings, folds, fit_args, blend_grid, seed, fold_done
+            )
             adapter.config.blend = validation["blend"]
+            if bag:
+                adapter.set_members([(a.head, a.stage) for a in fold_adapters])
         validate_s = time.monotonic() - t_validate
 
     adapter.stage = stage.eval() if stage is not None else None
@@ -586,6 +593,7 @@ def finetune(
         "patience": patience_epochs if held_eval is not None else None,
         "refit": bool(refit_history),
         "cv_folds": len(folds),
+        "bag": bool(folds) and bag,
         "blend_grid": [float(b) for b in blend_grid],
         "seed": seed,
         "augment": aug.to_dict(),
@@ -648,15 +656,18 @@ def _cross_validate_blend(
     blend_grid: Sequence[float],
     seed: int,
     on_fold: Callable[[int], None],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[Adapter]]:
     """Leave-one-out fits on ``folds``: mean Dice (at the model threshold, full resolution) of each left-out
-    example's heatmap for every blend weight; the best weight wins, ties to the smaller one (0 = zero-shot)."""
+    example's heatmap for every blend weight; the best weight wins, ties to the smaller one (0 = zero-shot).
+    Returns that report and the fold adapters."""
     grid = sorted({float(b) for b in blend_grid} | {0.0})
     scores = {b: [] for b in grid}
+    fitted = []
     threshold = model.config.threshold
     for n, idx in enumerate(folds):
         rest = [ex for i, ex in enumerate(examples) if i != idx]
         fold = finetune(model, rest, findings, cv_folds=0, seed=seed + 1 + n, **fit_args)
+        fitted.append(fold)
         left = examples[idx]
         for b in grid:
             fold.config.blend = b
@@ -669,12 +680,15 @@ def _cross_validate_blend(
         on_fold(n + 1)
     mean = {b: float(np.mean(v)) for b, v in scores.items()}
     best = max(grid, key=lambda b: (round(mean[b], 6), -b))
-    return {
+    report = {
         "left_out": [examples[i].id for i in folds],
         "dice_by_blend": {f"{b:g}": round(mean[b], 4) for b in grid},
         "zero_shot_dice": round(mean[0.0], 4),
         "blend": best,
     }
+    for fold in fitted:
+        fold.config.blend = 1.0
+    return report, fitted
 
 
 def _cat_views(a: _Views, b: _Views) -> _Views:
