@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from afloc_engine.config import AFLocConfig
-from afloc_engine.losses import afloc_loss
 from afloc_engine.models import ImageFeatures, TextFeatures
+from afloc_engine.models.afloc import features_loss
 
 
 def _features(b=5, d=8, seed=0, dtype=torch.float64):
@@ -30,22 +30,8 @@ def _features(b=5, d=8, seed=0, dtype=torch.float64):
 
 
 def _engine(image, text, c, targets=None):
-    return afloc_loss(
-        image.shallow,
-        image.deep,
-        image.global_,
-        text.words,
-        text.word_mask,
-        text.sentences,
-        text.sentence_mask,
-        text.report,
-        c.tau1,
-        c.tau2,
-        c.tau3,
-        (c.weight_word, c.weight_sentence, c.weight_global),
-        c.z_aggregation,
-        targets,
-    )
+    """The engine's loss of the whole batch in one process (what the trainer's shares must sum to)."""
+    return features_loss(image, text, c, targets)
 
 
 @pytest.mark.parametrize("soft", [False, True, "masked"])

@@ -628,9 +628,9 @@ class AnatomyAligner:
         if c.grounding > 0:
             outside = (1.0 - masks.sum(1, keepdim=True)).clamp(min=0.0)
             background, has_background = pool_anatomy_features(regions, outside)
-            ground = grounding_loss(pooled, text, present, background[:, 0], scale, raw)
-            if not bool(has_background.all()):  # a volume filled by organs: compare organs only
-                ground = grounding_loss(pooled, text, present, None, scale, raw)
+            # a volume filled by organs has no background region: then compare organs only
+            candidate = background[:, 0] if bool(has_background.all()) else None
+            ground = grounding_loss(pooled, text, present, candidate, scale, raw)
         return AnatomyLosses(align + c.grounding * ground, align, ground)
 
     def patient_targets(self, texts: AnatomyTexts) -> torch.Tensor | None:

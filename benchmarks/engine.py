@@ -109,24 +109,12 @@ def bench_cold_start(model):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _resnet50_random(device: str):
-    """The issue's reference architecture (ResNet-50, D = 768) with random weights: speed only."""
-    from afloc_engine.checkpoint import ModelInfo
-    from afloc_engine.config import AFLocConfig
-    from afloc_engine.inference import AFLoc
-    from afloc_engine.models import AFLocModel
-    from afloc_engine.models.text_encoder import resolve_text_model
-
-    config = AFLocConfig()
-    torch.manual_seed(0)
-    model = AFLocModel(config, resolve_text_model(config.text_model)).eval()
-    return AFLoc(model, ModelInfo(name="resnet50-random", version="random", trained=False), device)
-
-
 def bench_gpu_batch(model_name, batch=256, steps=20):
     """Radiographs/s of batched localisation on the GPU (13 prompts, heatmaps at 224 px, bf16 encoder)
     for ``model_name`` and for the ResNet-50 architecture."""
     import warnings
+
+    from volume_localize import build_model  # the ResNet-50 architecture with random weights
 
     import afloc_engine
     from afloc_engine.heatmap import gaussian_smooth, minmax_to_unit, similarity_maps
@@ -135,7 +123,7 @@ def bench_gpu_batch(model_name, batch=256, steps=20):
     warnings.simplefilter("ignore")
     rows = []
     for arch in (model_name, "resnet50"):
-        model = _resnet50_random("cuda") if arch == "resnet50" else afloc_engine.load_model(arch, "cuda")
+        model = build_model("cuda", "resnet50")[0] if arch == "resnet50" else afloc_engine.load_model(arch, "cuda")
         prompts = model.embed_prompts(preset_prompts("cxr")[:13])
         size = model.config.image_size
         images = torch.randn(batch, model.config.in_channels, size, size, device="cuda")

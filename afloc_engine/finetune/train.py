@@ -37,6 +37,7 @@ from afloc_engine.finetune.features import (
 )
 from afloc_engine.finetune.head import AdapterHead
 from afloc_engine.heatmap import grid_to_image, similarity_maps
+from afloc_engine.metrics import iou_dice_at_thresholds
 from afloc_engine.transforms import Letterbox, normalize_intensity, prepare_image
 
 if TYPE_CHECKING:
@@ -99,11 +100,8 @@ def _pick_heldout(examples: list[Example], findings: list[str], rng: np.random.G
     """Index of the example to hold out (>= 4 examples), keeping every finding in the training set."""
     if len(examples) < 4:
         return None
-    for idx in rng.permutation(len(examples)):
-        rest = [ex for i, ex in enumerate(examples) if i != idx]
-        if all(any(f in ex.masks for ex in rest) for f in findings):
-            return int(idx)
-    return None
+    picked = _pick_folds(examples, findings, 1, rng)
+    return picked[0] if picked else None
 
 
 def _mask_stack(example: Example, findings: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -673,10 +671,9 @@ def _cross_validate_blend(
             fold.config.blend = b
             result = model.localize(left.image, fold.prompts, adapter=fold)
             for j, f in enumerate(findings):
-                if f in left.masks:
-                    pred, truth = result.heatmaps[j] > threshold, left.masks[f] > 0
-                    total = pred.sum() + truth.sum()
-                    scores[b].append(float(2 * (pred & truth).sum() / total) if total else 1.0)
+                if f in left.masks:  # masks are never empty (parse_examples)
+                    _, dice = iou_dice_at_thresholds(result.heatmaps[j], left.masks[f], [threshold])
+                    scores[b].append(float(dice[0]))
         on_fold(n + 1)
     mean = {b: float(np.mean(v)) for b, v in scores.items()}
     best = max(grid, key=lambda b: (round(mean[b], 6), -b))
