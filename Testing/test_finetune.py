@@ -127,6 +127,23 @@ def test_cross_validation_picks_the_correction_weight_and_zero_means_zero_shot(t
     assert single.members == [] and single.config.members == 0 and single.metrics["validation"] is not None
 
 
+def test_components_reproduce_the_adapted_heatmap_at_every_weight(tiny_afloc, quick_adapter, examples):
+    """The weight search scores clip(zero-shot + w * correction) from one pass; that must be what localize gives."""
+    image = examples[4][0]
+    [(zero_shot, correction)] = afloc_engine.finetune.adapter_components(tiny_afloc, quick_adapter, [image])
+    assert zero_shot.shape == correction.shape == (1, *image.shape)
+    assert np.array_equal(zero_shot, tiny_afloc.localize(image, PROMPT).heatmaps)
+    assert np.abs(correction).max() > 0  # the quick adapter learnt something
+    chosen = quick_adapter.config.blend
+    try:
+        for weight in (0.0, 0.5, 1.0):
+            quick_adapter.config.blend = weight
+            adapted = tiny_afloc.localize(image, PROMPT, adapter=quick_adapter).heatmaps
+            np.testing.assert_allclose(adapted, np.clip(zero_shot + weight * correction, -1, 1), atol=1e-6)
+    finally:
+        quick_adapter.config.blend = chosen
+
+
 def test_without_refit_the_best_held_out_state_is_kept(tiny_afloc, examples):
     adapter = finetune(tiny_afloc, examples[:4], "blob", epochs=30, patience=3, refit=False, seed=1)
     m = adapter.metrics

@@ -19,6 +19,7 @@ from typing import Any
 from afloc_engine.finetune.adapter import (
     Adapter,
     AdapterConfig,
+    adapter_components,
     create_adapter,
     default_prompt,
     load_adapter,
@@ -41,6 +42,7 @@ __all__ = [
     "default_prompt",
     "finetune",
     "load_adapter",
+    "adapter_components",
     "localize_with_adapter",
     "parse_examples",
 ]

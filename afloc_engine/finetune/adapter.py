@@ -432,17 +432,60 @@ def localize_with_adapter(
     all_negatives = None
     if negative_prompts:
         all_negatives = validate_prompts(negative_prompts) + [negative_prompt(p) for p in extra]
+    base, corrections = _base_and_corrections(model, adapter, images, all_prompts, threshold, all_negatives)
+    zs_index = [all_prompts.index(p) for p in adapter.prompts]
+    out = []
+    for r, delta in zip(base, corrections):
+        heat = r.heatmaps[: len(prompts)].copy()
+        for p, j in enumerate(matches):
+            if j is not None:
+                refined = r.heatmaps[zs_index[j]] + adapter.config.blend * delta[j]
+                heat[p] = np.clip(refined, -1.0, 1.0).astype(np.float32)
+        out.append(
+            dataclasses.replace(
+                r,
+                prompts=list(prompts),
+                heatmaps=heat,
+                masks=heat > r.threshold,
+                probabilities=r.probabilities[: len(prompts)],
+                negative_prompts=r.negative_prompts[: len(prompts)],
+            )
+        )
+    return out
+
+
+def adapter_components(
+    model: AFLoc, adapter: Adapter, images: list[ImageInput]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image, (zero-shot heatmaps, the head's correction), each (F, H, W) float32 for the adapter's
+    findings on the image grid, neither weighted by ``blend`` nor clipped: the adapted heatmap is
+    ``clip(zero_shot + blend * correction, -1, 1)``. One encoder pass serves every blend weight."""
+    adapter.check_base(model)
+    base, corrections = _base_and_corrections(model, adapter, images, adapter.prompts, None, None)
+    return [(r.heatmaps.astype(np.float32), c) for r, c in zip(base, corrections)]
+
+
+def _base_and_corrections(
+    model: AFLoc,
+    adapter: Adapter,
+    images: list[ImageInput],
+    prompts: list[str],
+    threshold: float | None,
+    negative_prompts: list[str] | None,
+) -> tuple[list[LocalizationResult], list[np.ndarray]]:
+    """Zero-shot results for ``prompts`` (which include every adapter prompt) and, per image, the
+    head's correction (F, H, W) on the image grid, from one encoder pass whose features the head reuses."""
     adapter.to(model.device)
     want_s8 = adapter.stage is not None
     with tap_encoder(model.model.image_encoder, want_s8) as tap:
-        base = model.localize_batch(images, all_prompts, threshold, adapter.config.similarity, all_negatives)
+        base = model.localize_batch(images, prompts, threshold, adapter.config.similarity, negative_prompts)
     if tap.features is None or tap.inputs is None or tap.inputs.shape[0] != len(base) or (want_s8 and tap.s8 is None):
         # the base path did not go through the encoder's __call__: encode again
         batch = torch.stack([model.prepare(r.image)[0] for r in base]).to(model.device)
         tap = encode(model.model.image_encoder, batch, want_s8)
     res = adapter.config.head_resolution
-    zs_index = [all_prompts.index(p) for p in adapter.prompts]
-    out = []
+    zs_index = [prompts.index(p) for p in adapter.prompts]
+    corrections = []
     with torch.inference_mode():
         head_image = image_channel(tap.inputs, res)
         for i, r in enumerate(base):
@@ -458,24 +501,5 @@ def localize_with_adapter(
                 head_image[i : i + 1],
                 s8,
             )[0]
-            heat = r.heatmaps[: len(prompts)].copy()
-            for p, j in enumerate(matches):
-                if j is None:
-                    continue
-                k = zs_index[j]
-                refined = (
-                    torch.from_numpy(r.heatmaps[k]).to(delta.device)
-                    + adapter.config.blend * correction_to_image(delta[j : j + 1], box)[0]
-                )
-                heat[p] = refined.clamp(-1.0, 1.0).cpu().numpy().astype(np.float32)
-            out.append(
-                dataclasses.replace(
-                    r,
-                    prompts=list(prompts),
-                    heatmaps=heat,
-                    masks=heat > r.threshold,
-                    probabilities=r.probabilities[: len(prompts)],
-                    negative_prompts=r.negative_prompts[: len(prompts)],
-                )
-            )
-    return out
+            corrections.append(correction_to_image(delta, box).float().cpu().numpy())
+    return base, corrections

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from afloc_engine.errors import ConfigError, DataError
-from afloc_engine.finetune.adapter import Adapter, create_adapter
+from afloc_engine.finetune.adapter import Adapter, adapter_components, create_adapter
 from afloc_engine.finetune.data import AugmentConfig, Example, augment_view, downscale_for_views, parse_examples
 from afloc_engine.finetune.features import (
     TunedStage,
@@ -667,12 +667,12 @@ def _cross_validate_blend(
         fold = finetune(model, rest, findings, cv_folds=0, seed=seed + 1 + n, **fit_args)
         fitted.append(fold)
         left = examples[idx]
+        [(zero_shot, correction)] = adapter_components(model, fold, [left.image])
         for b in grid:
-            fold.config.blend = b
-            result = model.localize(left.image, fold.prompts, adapter=fold)
+            heat = np.clip(zero_shot + b * correction, -1.0, 1.0)
             for j, f in enumerate(findings):
                 if f in left.masks:  # masks are never empty (parse_examples)
-                    _, dice = iou_dice_at_thresholds(result.heatmaps[j], left.masks[f], [threshold])
+                    _, dice = iou_dice_at_thresholds(heat[j], left.masks[f], [threshold])
                     scores[b].append(float(dice[0]))
         on_fold(n + 1)
     mean = {b: float(np.mean(v)) for b, v in scores.items()}
@@ -683,8 +683,6 @@ def _cross_validate_blend(
         "zero_shot_dice": round(mean[0.0], 4),
         "blend": best,
     }
-    for fold in fitted:
-        fold.config.blend = 1.0
     return report, fitted
 
 
