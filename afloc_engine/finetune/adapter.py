@@ -454,9 +454,7 @@ def localize_with_adapter(
     return out
 
 
-def adapter_components(
-    model: AFLoc, adapter: Adapter, images: list[ImageInput]
-) -> list[tuple[np.ndarray, np.ndarray]]:
+def adapter_components(model: AFLoc, adapter: Adapter, images: list[ImageInput]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per image, (zero-shot heatmaps, the head's correction), each (F, H, W) float32 for the adapter's
     findings on the image grid, neither weighted by ``blend`` nor clipped: the adapted heatmap is
     ``clip(zero_shot + blend * correction, -1, 1)``. One encoder pass serves every blend weight."""
