@@ -43,6 +43,7 @@ from afloc_engine.metrics import THRESHOLDS, iou_dice_at_thresholds  # noqa: E40
 from afloc_engine.transforms import Letterbox, prepare_image  # noqa: E402
 
 MASK_CLASS = "ground_glass_opacity"
+DEFAULT_DATA = Path(os.environ.get("AFLOC_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def load_dev(data: Path, mask_class: str = MASK_CLASS) -> list[dict]:
@@ -267,11 +268,10 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    default_data = Path(os.environ.get("AFLOC_SHARED_DATA", REPO.parent / "shared" / "data"))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="model name or folder")
     p.add_argument("--device", default="auto")
-    p.add_argument("--data", type=Path, default=default_data, help="the shared data folder")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
     p.add_argument("--mask-class", default=MASK_CLASS, help="covid-cxr mask class (default: ground_glass_opacity)")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5, 10])
     p.add_argument("--draws", type=int, default=5)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -33,9 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import afloc_engine  # noqa: E402
-from finetune import MASK_CLASS, load_dev, localize_all  # noqa: E402
+from finetune import DEFAULT_DATA, MASK_CLASS, load_dev, localize_all  # noqa: E402
 
+import afloc_engine  # noqa: E402
 from afloc_engine.finetune import default_prompt  # noqa: E402
 
 THRESHOLDS = [round(float(t), 2) for t in np.arange(0.1, 0.75, 0.05)]
@@ -136,10 +135,9 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    default_data = Path(os.environ.get("AFLOC_SHARED_DATA", REPO.parent / "shared" / "data"))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
-    p.add_argument("--data", type=Path, default=default_data)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5, 10])
     p.add_argument("--draws", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
