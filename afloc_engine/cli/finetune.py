@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     from afloc_engine.finetune import parse_examples
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ctrl-C cancels even where SIGINT was inherited as ignored (a job started in the background by a
+    # script, or by a GUI): Python keeps an inherited SIG_IGN instead of raising KeyboardInterrupt
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     progress: Progress | None = None
     try:
         if len(args.images) != len(args.masks):
@@ -103,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         return _cancelled(args, progress, 130, "interrupted")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     m = adapter.metrics
     if args.progress == "json":
         emit(
