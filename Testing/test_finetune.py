@@ -144,6 +144,44 @@ def test_components_reproduce_the_adapted_heatmap_at_every_weight(tiny_afloc, qu
         quick_adapter.config.blend = chosen
 
 
+def _constant_head(adapter, value: float):
+    """A copy of the adapter's head whose correction is ``value`` everywhere (its last layer is zero)."""
+    head = type(adapter.head)(adapter.config.head)
+    head.load_state_dict(adapter.head.state_dict())
+    with torch.no_grad():
+        head.out.bias.fill_(value)
+    return head.eval()
+
+
+def test_one_wild_member_cannot_drag_the_adapted_map(tiny_afloc, examples, tmp_path):
+    """Members combine by a pixel-wise median: one leave-one-out fit gone wrong (a huge negative
+    correction here) leaves the map where the other heads put it; a saved adapter keeps that."""
+    adapter = create_adapter(tiny_afloc, "blob")
+    adapter.head = _constant_head(adapter, 0.2)
+    adapter.set_members([(_constant_head(adapter, v), None) for v in (0.2, 0.3, -5.0)])
+    image = examples[4][0]
+    zero_shot = tiny_afloc.localize(image, PROMPT).heatmaps
+    expected = np.clip(zero_shot + 0.2, -1, 1)  # median of (0.2, 0.2, 0.3, -5.0): 0.2
+    adapted = tiny_afloc.localize(image, PROMPT, adapter=adapter).heatmaps
+    np.testing.assert_allclose(adapted, expected, atol=1e-5)
+    loaded = load_adapter(adapter.save(tmp_path), tiny_afloc)
+    assert loaded.config.member_reduce == "median"
+    np.testing.assert_allclose(tiny_afloc.localize(image, PROMPT, adapter=loaded).heatmaps, expected, atol=1e-5)
+    # an adapter written before the median existed keeps its mean: (0.2 + 0.2 + 0.3 - 5) / 4 = -1.075
+    meta = json.loads((loaded.path / "adapter.json").read_text())
+    del meta["config"]["member_reduce"]
+    (loaded.path / "adapter.json").write_text(json.dumps(meta))
+    old = load_adapter(loaded.path, tiny_afloc)
+    assert old.config.member_reduce == "mean"
+    np.testing.assert_allclose(
+        tiny_afloc.localize(image, PROMPT, adapter=old).heatmaps, np.clip(zero_shot - 1.075, -1, 1), atol=1e-5
+    )
+    meta["config"]["member_reduce"] = "mode"
+    (loaded.path / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="member_reduce"):
+        load_adapter(loaded.path, tiny_afloc)
+
+
 def test_without_refit_the_best_held_out_state_is_kept(tiny_afloc, examples):
     adapter = finetune(tiny_afloc, examples[:4], "blob", epochs=30, patience=3, refit=False, seed=1)
     m = adapter.metrics

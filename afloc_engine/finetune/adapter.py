@@ -66,6 +66,9 @@ def default_head_resolution(image_size: int) -> int:
     return int(min(image_size, max(32, image_size // 4)))
 
 
+MEMBER_REDUCTIONS = ("median", "mean")
+
+
 @dataclass
 class AdapterConfig:
     """Everything needed to rebuild and apply an adapter (saved in ``adapter.json``).
@@ -88,12 +91,18 @@ class AdapterConfig:
     """Weight of the head's correction at inference (chosen by cross-validation on the examples;
     0 = the zero-shot heatmap unchanged)."""
     members: int = 0
-    """Extra heads (the leave-one-out fits) whose corrections are averaged with the main head's."""
+    """Extra heads (the leave-one-out fits) whose corrections are combined with the main head's."""
+    member_reduce: str = "median"
+    """How the main head's and the members' corrections combine, pixel by pixel: ``median`` (one
+    wild fit cannot drag the map; the middle two averaged for an even count) or ``mean`` (adapters
+    saved before 0.1.0's median)."""
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.head_resolution <= 0:
             self.head_resolution = default_head_resolution(self.image_size)
+        if self.member_reduce not in MEMBER_REDUCTIONS:
+            raise ConfigError(f"member_reduce must be one of {MEMBER_REDUCTIONS}, not {self.member_reduce!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -105,8 +114,9 @@ class AdapterConfig:
         try:
             data = dict(data)
             data["head"] = HeadConfig(**data["head"])
+            data.setdefault("member_reduce", "mean")  # written before the median existed
             return cls(**data)
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, ConfigError) as err:
             raise CheckpointError(f"adapter config is invalid: {err}", source) from None
 
 
@@ -144,7 +154,7 @@ class Adapter:
         self.set_members(members)
 
     def set_members(self, members: Sequence[tuple[AdapterHead, TunedStage | None]]) -> None:
-        """Heads (with their tuned stage, if any) averaged with the main head; ``config.members`` follows."""
+        """Heads (with their tuned stage, if any) combined with the main head; ``config.members`` follows."""
         self.members = [(h.eval(), st.eval() if st is not None else None) for h, st in members]
         self.config.members = len(self.members)
 
@@ -203,7 +213,7 @@ class Adapter:
         """Heatmap correction (B, F, R, R) from encoder features (B, D, g, g) and head-grid inputs.
 
         See :class:`AdapterHead`; the features are reduced by each head's PCA first; with members,
-        the mean of the main head's and the members' corrections.
+        the median (or mean, ``config.member_reduce``) of the main head's and the members' corrections.
 
         With a tuned last stage, ``s8`` (the frozen stride-8 map) replaces the base deep features.
         """
@@ -215,7 +225,10 @@ class Adapter:
                     raise ValueError("this adapter tunes the last encoder stage and needs the stride-8 features")
                 level = stage(s8)
             corrections.append(head(head.reduce(shallow, "shallow"), head.reduce(level, "deep"), zero_shot, image))
-        return corrections[0] if len(corrections) == 1 else torch.stack(corrections).mean(0)
+        if len(corrections) == 1:
+            return corrections[0]
+        stacked = torch.stack(corrections)
+        return stacked.mean(0) if self.config.member_reduce == "mean" else torch.quantile(stacked, 0.5, dim=0)
 
     # --- files ---------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -428,8 +428,8 @@ def finetune(
         cv_folds: with >= 2 examples, up to this many leave-one-out fits (0: none) choose the
             correction's weight ``blend`` from ``blend_grid`` by the left-out examples' Dice; a head that
             does not beat the zero-shot heatmap on them gets ``blend`` 0 (the zero-shot output).
-        bag: keep the leave-one-out heads as members whose corrections are averaged with the main
-            head's (less variance from one unlucky fit); False keeps the main head alone.
+        bag: keep the leave-one-out heads as members, their corrections and the main head's combined by
+            a pixel-wise median (one unlucky fit cannot drag the map); False keeps the main head alone.
         seed: seeds initialisation, augmentation, the held-out pick and the batch order.
         out_dir: if given, the adapter is saved to ``out_dir/<finding>-<timestamp>/``.
         progress: called with dicts ``{"phase": "encode"|"train"|"refit", "step", "total", "epoch",
