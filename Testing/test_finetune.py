@@ -182,6 +182,19 @@ def test_one_wild_member_cannot_drag_the_adapted_map(tiny_afloc, examples, tmp_p
         load_adapter(loaded.path, tiny_afloc)
 
 
+def test_warnings_name_what_the_user_should_fix(tiny_afloc, examples):
+    """One example, or a mask of a few pixels, is said in the adapter's metrics (the CLI and Slicer show them)."""
+    one = finetune(tiny_afloc, examples[:1], "blob", epochs=1)
+    assert len(one.metrics["warnings"]) == 1 and "give at least 3 examples" in one.metrics["warnings"][0]
+    image, _ = examples[1]
+    dot = np.zeros(image.shape, bool)
+    dot[30, 30] = True  # one pixel of 4,608: a stray click
+    warned = finetune(tiny_afloc, [examples[0], (image, dot, "stray")], "blob", epochs=1, cv_folds=0)
+    text = " | ".join(warned.metrics["warnings"])
+    assert "example stray" in text and "outline the whole finding" in text and "not checked" in text
+    assert not any("example" in w and "mask covers" in w for w in one.metrics["warnings"])
+
+
 def test_without_refit_the_best_held_out_state_is_kept(tiny_afloc, examples):
     adapter = finetune(tiny_afloc, examples[:4], "blob", epochs=30, patience=3, refit=False, seed=1)
     m = adapter.metrics

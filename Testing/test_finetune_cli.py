@@ -73,6 +73,9 @@ def test_cli_reports_json_steps_and_writes_the_adapter(model_dir, files, tmp_pat
     # three images: three leave-one-out fits (one progress step each) choose the correction's weight
     assert len([e for e in steps if e["message"] == "validate"]) == 3 and steps[-1]["step"] == steps[-1]["total"]
     assert len(done["validation"]["left_out"]) == 3 and done["blend"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    # warnings reach the GUI in the done line: weight 0 (the zero-shot map kept) is said, and only then
+    assert all(isinstance(w, str) for w in done["warnings"])
+    assert any("weight 0" in w for w in done["warnings"]) == (done["blend"] == 0)
     folder = out / os.path.basename(done["adapter"])
     assert folder.is_dir() and (folder / "adapter.safetensors").is_file()
     meta = json.loads((folder / "adapter.json").read_text())

@@ -441,7 +441,8 @@ adapter.mkdir(parents=True)
 meta = {"finding": finding, "base_model_id": "tiny@test", "checks": checks, "device": device}
 (adapter / "adapter.json").write_text(json.dumps(meta))
 (adapter / "adapter.safetensors").write_bytes(b"")
-print(json.dumps({"event": "done", "adapter": str(adapter)}), flush=True)
+warnings = ["one example: give at least 3 examples"] if len(images) < 2 else []
+print(json.dumps({"event": "done", "adapter": str(adapter), "warnings": warnings}), flush=True)
 """
 
 
@@ -479,6 +480,7 @@ def test_finetune_runs_in_background_and_installs_the_adapter(scene, logic, tmp_
     assert [a["path"] for a in listed] == [str(adapter)] and listed[0]["finding"] == "pneumothorax"
     assert sf.scene_snapshot(scene) == before
     assert not task.workDir.exists()
+    assert task.warnings == []  # two examples: the stand-in has nothing to warn about
     with pytest.raises(AFLocSlicerError, match="no training examples of 'effusion'"):
         logic.startFinetune("effusion")
 

@@ -269,10 +269,16 @@ def test_panel_few_shot_loop_with_a_stand_in_engine(gui, tmp_path, monkeypatch):
     adapter = ui.adapterComboBox.currentData
     assert adapter and Path(adapter).parent == c.logic.adaptersDir
     assert c.logic.parameters.adapter == adapter
-    assert "Adapter ready" in ui.statusLabel.text
+    assert "Adapter ready" in ui.statusLabel.text and "warning" not in ui.statusLabel.text
     ui.examplesListWidget.currentRow = 0
     ui.removeExampleButton.click()
     assert ui.examplesListWidget.count == 1
+    # one example left: the engine warns, and the user sees it in the status line
+    ui.finetuneButton.click()
+    run_timer_until_idle(gui, 60)
+    assert gui.record.errors == []
+    assert "1 warning(s): one example: give at least 3 examples" in ui.statusLabel.text
+    assert "Warning: one example" in ui.logTextEdit.toPlainText()
 
 
 @pytest.mark.slow

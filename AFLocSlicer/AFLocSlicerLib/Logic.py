@@ -274,9 +274,15 @@ class FinetuneTask(EngineTask):
         super().__init__(logic, "finetune", **kwargs)
         self.finding = finding
         self.outDir = outDir
+        self.warnings: list[str] = []
+        """What the engine says a user should know about the adapter (e.g. one example, a tiny mask)."""
 
     def finish(self) -> Path:
         adapter = self._findAdapter()
+        done = (self.process.doneEvent or {}) if self.process else {}
+        self.warnings = [str(w) for w in done.get("warnings") or []]
+        for warning in self.warnings:
+            self._log(f"Warning: {warning}")
         store = self.logic.adaptersDir
         store.mkdir(parents=True, exist_ok=True)
         name = adapter.name if adapter != self.outDir else f"{slugify(self.finding)}-{time.strftime('%Y%m%d-%H%M%S')}"

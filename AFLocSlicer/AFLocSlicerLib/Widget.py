@@ -276,7 +276,7 @@ class AFLocWidgetController:
         if isinstance(task, LocalizationTask):
             self.onLocalizationDone(result)
         elif isinstance(task, FinetuneTask):
-            self.onFinetuneDone(result)
+            self.onFinetuneDone(result, task.warnings)
         elif isinstance(task, SuggestionTask):
             self.onSuggestionsDone(result)
         if task.retriedOnCpu:
@@ -421,10 +421,14 @@ class AFLocWidgetController:
             return
         self.startPolling(task, f"Fine-tuning '{finding}' on {len(self.logic.trainingExamples(finding))} example(s)...")
 
-    def onFinetuneDone(self, adapter: Any) -> None:
+    def onFinetuneDone(self, adapter: Any, warnings: list[str] | None = None) -> None:
         self.refreshAdapters(select=str(adapter))
         self.updateParametersFromGUI()
-        self.setStatus(f"Adapter ready and selected: {adapter}. Localize the next image to use it.")
+        status = f"Adapter ready and selected: {adapter}. Localize the next image to use it."
+        if warnings:  # each is in the log too
+            more = " (more in the log)" if len(warnings) > 1 else ""
+            status += f" {len(warnings)} warning(s): {warnings[0]}{more}"
+        self.setStatus(status)
 
     def onSuggest(self) -> None:
         params = self.logic.parameters

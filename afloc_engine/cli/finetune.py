@@ -119,9 +119,12 @@ def run(args: argparse.Namespace) -> int:
             heldout_dice_zero_shot=m.get("heldout_dice_zero_shot"),
             blend=m.get("blend"),
             validation=m.get("validation"),
+            warnings=m.get("warnings", []),
             seconds=m.get("seconds", {}).get("total"),
         )
     else:
+        for warning in m.get("warnings", []):
+            print(f"afloc finetune: warning: {warning}", file=sys.stderr)
         print(path)
     return 0
 

@@ -613,6 +613,7 @@ def finetune(
         "excluded; heldout_dice is that of the best epoch before the refit on all examples",
         "validation": validation,
         "blend": adapter.config.blend,
+        "warnings": _warnings(parsed, findings, folds, validation),
         "history": history,
         "refit_history": refit_history,
         "seconds": {
@@ -628,6 +629,38 @@ def finetune(
     if out_dir is not None:
         adapter.save(out_dir)
     return adapter
+
+
+TINY_MASK_FRACTION = 0.001
+"""A mask under this fraction of its image (0.1 %) is probably a stray click, not an outline."""
+
+
+def _warnings(
+    examples: list[Example], findings: list[str], folds: list[int], validation: dict[str, Any] | None
+) -> list[str]:
+    """What a user should know about this adapter's examples before trusting it (plain sentences)."""
+    out = []
+    if len(examples) < 2:
+        out.append(
+            "one example: the correction's weight could not be checked on a left-out example, so it is 1; "
+            "from one mask the adapter is often worse than zero-shot - give at least 3 examples"
+        )
+    elif not folds:
+        out.append("no leave-one-out fits (cv_folds 0): the correction's weight was not checked")
+    for ex in examples:
+        for f, mask in ex.masks.items():
+            fraction = float(np.count_nonzero(mask)) / mask.size
+            if fraction < TINY_MASK_FRACTION:
+                out.append(
+                    f"example {ex.id}: its '{f}' mask covers {100 * fraction:.3g} % of the image; the adapter "
+                    "learns the extent it is shown - outline the whole finding"
+                )
+    if validation is not None and validation["blend"] == 0:
+        out.append(
+            "the leave-one-out fits did not beat the zero-shot heatmap on their left-out examples: "
+            "the adapter keeps the zero-shot heatmap (weight 0)"
+        )
+    return out
 
 
 def _pick_folds(examples: list[Example], findings: list[str], n_folds: int, rng: np.random.Generator) -> list[int]:
