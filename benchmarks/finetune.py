@@ -181,6 +181,9 @@ def run(args: argparse.Namespace) -> dict:
                 "finetune_seconds": ft_seconds,
                 "finetune_epochs_run": adapter.metrics["epochs_run"],
                 "finetune_phase_seconds": adapter.metrics["seconds"],
+                "blend": adapter.config.blend,
+                "validation": adapter.metrics.get("validation"),
+                "warnings": adapter.metrics.get("warnings", []),
             }
             if args.unet_steps > 0:
                 start = time.perf_counter()
