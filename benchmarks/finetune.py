@@ -62,9 +62,24 @@ def load_dev(data: Path, mask_class: str = MASK_CLASS) -> list[dict]:
     return items
 
 
+def draw_split(items: list[dict], k: int, draw: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Draw ``draw`` of k training images: (their indices, sorted; the indices of the evaluation images,
+    every image of another patient). Seeded by (seed, k, draw), so every script draws the same sets."""
+    rng = np.random.default_rng(seed + 1000 * k + draw)
+    chosen = sorted(rng.choice(len(items), size=k, replace=False).tolist())
+    patients = {items[i]["patient"] for i in chosen}
+    evaluation = [i for i in range(len(items)) if i not in chosen and items[i]["patient"] not in patients]
+    return chosen, evaluation
+
+
+def mask_dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks (0 when both are empty)."""
+    return float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum()))
+
+
 def dice_at(heat: np.ndarray, mask: np.ndarray, threshold: float) -> float:
-    pred = heat > threshold
-    return float(2 * (pred & mask).sum() / max(1, pred.sum() + mask.sum()))
+    """Dice of heat > threshold against the mask."""
+    return mask_dice(heat > threshold, mask)
 
 
 def heat_scores(heat: np.ndarray, mask: np.ndarray, threshold: float) -> tuple[float, float]:
@@ -148,10 +163,7 @@ def run(args: argparse.Namespace) -> dict:
     draws = []
     for k in args.ks:
         for d in range(args.draws):
-            rng = np.random.default_rng(args.seed + 1000 * k + d)
-            chosen = sorted(rng.choice(len(items), size=k, replace=False).tolist())
-            patients = {items[i]["patient"] for i in chosen}
-            evaluation = [i for i in range(len(items)) if i not in chosen and items[i]["patient"] not in patients]
+            chosen, evaluation = draw_split(items, k, d, args.seed)
             if args.max_eval:
                 evaluation = evaluation[: args.max_eval]
             if not evaluation:

@@ -32,19 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from finetune import DEFAULT_DATA, MASK_CLASS, load_dev, localize_all  # noqa: E402
+from finetune import DEFAULT_DATA, MASK_CLASS, draw_split, load_dev, localize_all, mask_dice  # noqa: E402
 
 import afloc_engine  # noqa: E402
 from afloc_engine.finetune import default_prompt  # noqa: E402
 
 THRESHOLDS = [round(float(t), 2) for t in np.arange(0.1, 0.75, 0.05)]
 ORACLE_THRESHOLDS = [round(float(t), 2) for t in np.arange(-0.5, 0.96, 0.05)]
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two boolean masks (1 when both are empty)."""
-    total = pred.sum() + truth.sum()
-    return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -57,24 +51,21 @@ def run(args: argparse.Namespace) -> dict:
             lungs[it["id"]] = lungs.get(it["id"], False) | it["mask"]
     heats = localize_all(model, items, default_prompt("ground glass opacity"))
     truth = [it["mask"] for it in items]
-    per_t = np.array([[dice(h > t, m) for t in THRESHOLDS] for h, m in zip(heats, truth)])  # (n, T)
-    oracle = [max(dice(h > t, m) for t in ORACLE_THRESHOLDS) for h, m in zip(heats, truth)]
+    per_t = np.array([[mask_dice(h > t, m) for t in THRESHOLDS] for h, m in zip(heats, truth)])  # (n, T)
+    oracle = [max(mask_dice(h > t, m) for t in ORACLE_THRESHOLDS) for h, m in zip(heats, truth)]
     with_lungs = [it for it in items if it["id"] in lungs]
     lung_heats = [h for h, it in zip(heats, items) if it["id"] in lungs]
-    lung_only = [dice(lungs[it["id"]], it["mask"]) for it in with_lungs]
+    lung_only = [mask_dice(lungs[it["id"]], it["mask"]) for it in with_lungs]
     lung_and = {
-        t: float(np.mean([dice((h > t) & lungs[it["id"]], it["mask"]) for h, it in zip(lung_heats, with_lungs)]))
+        t: float(np.mean([mask_dice((h > t) & lungs[it["id"]], it["mask"]) for h, it in zip(lung_heats, with_lungs)]))
         for t in (0.2, 0.3, 0.4, 0.5)
     }
-    patients = np.array([it["patient"] for it in items])
     model_t = THRESHOLDS.index(round(model.config.threshold, 2))
     calibrated = {}
     for k in args.ks:
         rows = []
         for d in range(args.draws):
-            rng = np.random.default_rng(args.seed + 1000 * k + d)
-            chosen = rng.choice(len(items), size=k, replace=False)
-            ev = [i for i in range(len(items)) if i not in chosen and patients[i] not in set(patients[chosen])]
+            chosen, ev = draw_split(items, k, d, args.seed)
             best = int(per_t[chosen].mean(0).argmax())
             rows.append((per_t[ev, model_t].mean(), per_t[ev, best].mean(), THRESHOLDS[best]))
         a = np.array(rows)

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from finetune import DEFAULT_DATA, dice_at, load_dev, localize_all  # noqa: E402
+from finetune import DEFAULT_DATA, dice_at, draw_split, load_dev, localize_all  # noqa: E402
 from readme_figures import outline  # noqa: E402
 
 import afloc_engine  # noqa: E402
@@ -57,10 +57,8 @@ def main() -> int:
     threshold = model.config.threshold
     prompt = default_prompt("ground glass opacity")
     items = load_dev(args.data)
-    rng = np.random.default_rng(args.seed + 1000 * args.k + args.draw)  # as benchmarks/finetune.py draws
-    chosen = sorted(rng.choice(len(items), size=args.k, replace=False).tolist())
-    patients = {items[i]["patient"] for i in chosen}
-    evaluation = [it for i, it in enumerate(items) if i not in chosen and it["patient"] not in patients]
+    chosen, evaluation_ids = draw_split(items, args.k, args.draw, args.seed)  # as benchmarks/finetune.py draws
+    evaluation = [items[i] for i in evaluation_ids]
     examples = [(items[i]["image"], items[i]["mask"], items[i]["id"]) for i in chosen]
     adapter = afloc_engine.finetune(model, examples, "ground glass opacity", seed=args.seed + args.draw)
     zero_shot = localize_all(model, evaluation, prompt)

@@ -279,8 +279,7 @@ class FinetuneTask(EngineTask):
 
     def finish(self) -> Path:
         adapter = self._findAdapter()
-        done = (self.process.doneEvent or {}) if self.process else {}
-        self.warnings = [str(w) for w in done.get("warnings") or []]
+        self.warnings = [str(w) for w in self._doneEvent().get("warnings") or []]
         for warning in self.warnings:
             self._log(f"Warning: {warning}")
         store = self.logic.adaptersDir
@@ -294,8 +293,12 @@ class FinetuneTask(EngineTask):
         shutil.move(str(adapter), str(target))
         return target
 
+    def _doneEvent(self) -> dict[str, Any]:
+        """The engine's ``done`` line (empty when it sent none)."""
+        return (self.process.doneEvent or {}) if self.process else {}
+
     def _findAdapter(self) -> Path:
-        done = (self.process.doneEvent or {}) if self.process else {}
+        done = self._doneEvent()
         for key in ("adapter", "output", "out"):
             value = done.get(key)
             if isinstance(value, str) and (Path(value) / "adapter.json").is_file():

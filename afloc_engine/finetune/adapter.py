@@ -94,8 +94,8 @@ class AdapterConfig:
     """Extra heads (the leave-one-out fits) whose corrections are combined with the main head's."""
     member_reduce: str = "median"
     """How the main head's and the members' corrections combine, pixel by pixel: ``median`` (one
-    wild fit cannot drag the map; the middle two averaged for an even count) or ``mean`` (adapters
-    saved before 0.1.0's median)."""
+    wild fit cannot drag the map; the middle two averaged for an even count) or ``mean`` (what
+    adapters saved before the median existed use)."""
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
