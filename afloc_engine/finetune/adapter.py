@@ -50,6 +50,18 @@ ADAPTER_CONFIG = "adapter.json"
 ADAPTER_METRICS = "metrics.json"
 
 
+def default_adapter_store() -> Path:
+    """The folder both the ``afloc`` CLI and the Slicer module keep adapters in: ``$AFLOC_HOME/adapters``.
+
+    ``$AFLOC_HOME`` defaults to ``~/.cache/afloc`` (see :func:`afloc_engine.registry.afloc_home`).
+    ``afloc finetune`` writes ``<store>/<finding>-<timestamp>/`` there unless ``--out`` names
+    another folder; the folder need not exist yet.
+    """
+    from afloc_engine.registry import afloc_home
+
+    return afloc_home() / "adapters"
+
+
 def finding_slug(finding: str, max_len: int = 40) -> str:
     """'Ground-glass opacity' -> 'ground_glass_opacity' (for folder names)."""
     s = re.sub(r"[^a-z0-9]+", "_", finding.lower()).strip("_")
