@@ -7,7 +7,6 @@ end, so an error or a kill never leaves a half-written result folder.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,35 +16,8 @@ import numpy as np
 from afloc_engine.checkpoint import atomic_folder, commit_folder
 from afloc_engine.io import ImageData
 from afloc_engine.prompts import finding_of
+from afloc_engine.protocol import SEGMENT_COLORS, slug, unique_slugs  # noqa: F401 (slug: public here too)
 from afloc_engine.transforms import normalize_intensity
-
-# distinct segment colours (RGB 0..1), cycled
-SEGMENT_COLORS = [
-    (0.90, 0.30, 0.25),
-    (0.20, 0.60, 0.90),
-    (0.95, 0.75, 0.10),
-    (0.30, 0.75, 0.35),
-    (0.65, 0.40, 0.85),
-    (0.95, 0.50, 0.15),
-    (0.25, 0.80, 0.80),
-    (0.85, 0.35, 0.60),
-]
-
-
-def slug(text: str, max_len: int = 48) -> str:
-    """File-safe name: 'Findings suggesting pneumothorax' -> 'pneumothorax'."""
-    s = re.sub(r"[^a-z0-9]+", "_", finding_of(text).lower()).strip("_")
-    return (s or "prompt")[:max_len]
-
-
-def unique_slugs(prompts: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for p in prompts:
-        s = slug(p)
-        seen[s] = seen.get(s, 0) + 1
-        out.append(s if seen[s] == 1 else f"{s}_{seen[s]}")
-    return out
 
 
 def ijk_to_lps(image: ImageData) -> np.ndarray:

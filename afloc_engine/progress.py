@@ -8,10 +8,11 @@ JSON lines (``--progress json``), one object per line on stdout::
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Any, TextIO
+
+from afloc_engine import protocol
 
 
 class Progress:
@@ -46,12 +47,14 @@ class Progress:
         elif self.mode == "json":
             eta = self.eta()
             emit(
-                "progress",
+                protocol.PROGRESS,
                 self.stream,
-                step=self.step,
-                total=self.total,
-                message=message or self.desc,
-                eta_s=None if eta is None else round(eta, 2),
+                **{
+                    protocol.STEP: self.step,
+                    protocol.TOTAL: self.total,
+                    protocol.MESSAGE: message or self.desc,
+                    protocol.ETA_S: None if eta is None else round(eta, 2),
+                },
                 **fields,
             )
 
@@ -67,7 +70,7 @@ class Progress:
 
 
 def emit(event: str, stream: TextIO | None = None, **fields: Any) -> None:  # noqa: ANN401
-    """Write one JSON line ``{"event": event, **fields}`` and flush."""
+    """Write one JSON line ``{"event": event, **fields}`` (:func:`afloc_engine.protocol.event_line`) and flush."""
     stream = stream or sys.stdout
-    stream.write(json.dumps({"event": event, **fields}, default=str) + "\n")
+    stream.write(protocol.event_line(event, **fields) + "\n")
     stream.flush()
