@@ -161,7 +161,7 @@ def test_install_tar_gz_and_folder_and_list(home, tmp_path, model_members, model
     rec2 = registry.install(model_folder, name="from-folder")
     assert rec2["sha256"] == sha((model_folder / "model.safetensors").read_bytes())
     rows = {r["name"]: r for r in registry.list()}
-    shipped = (registry.PACKAGE_WEIGHTS / "default" / "model.safetensors").is_file()
+    shipped = (registry.manifest.PACKAGE_WEIGHTS / "default" / "model.safetensors").is_file()
     assert rows["default"]["source"] == "package" and rows["default"]["trained"] is shipped
     for name, source_sha in (("from-tar", sha(archive.read_bytes())), ("from-folder", rec2["sha256"])):
         row = rows[name]
@@ -233,7 +233,7 @@ def test_manifest_entry_installs_by_name(home, server, tmp_path, monkeypatch, mo
         "description": "served by the test",
     }
     manifest.write_text(json.dumps({"format": "afloc-models", "format_version": 1, "models": [entry]}))
-    monkeypatch.setattr(registry, "MANIFEST", manifest)
+    monkeypatch.setattr(registry.manifest, "MANIFEST", manifest)
     row = next(r for r in registry.list() if r["name"] == "remote")
     assert row["source"] == "available" and not row["installed"]
     with pytest.raises(CheckpointError, match="not installed yet"):
@@ -353,7 +353,7 @@ def test_manifest_validation(tmp_path):
     bad.write_text(json.dumps({"format": "afloc-models", "models": [entry]}))
     with pytest.raises(CheckpointError, match="exactly one of 'path' or 'url'"):
         registry.read_manifest(bad)
-    assert isinstance(registry.read_manifest(registry.MANIFEST), list)  # the shipped one is valid
+    assert isinstance(registry.read_manifest(registry.manifest.MANIFEST), list)  # the shipped one is valid
 
 
 def test_full_disk_is_a_clear_error(home, server, monkeypatch, model_members):
@@ -361,7 +361,7 @@ def test_full_disk_is_a_clear_error(home, server, monkeypatch, model_members):
 
     server.files["/big.zip"] = zip_bytes(model_members)
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(registry.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(registry.download.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(CheckpointError, match="not enough disk space"):
         registry.install(server.url("/big.zip"))
     assert installed_names(home) == []
@@ -389,8 +389,8 @@ def test_shipped_default_is_checked_at_load(tmp_path, monkeypatch, model_folder)
 
     weights = tmp_path / "weights"
     shutil.copytree(model_folder, weights / "default")
-    monkeypatch.setattr(registry, "PACKAGE_WEIGHTS", weights)
-    monkeypatch.setattr(registry, "MANIFEST", weights / "manifest.json")
+    monkeypatch.setattr(registry.manifest, "PACKAGE_WEIGHTS", weights)
+    monkeypatch.setattr(registry.manifest, "MANIFEST", weights / "manifest.json")
     entry = registry.shipped_entry(weights / "default", name="default")
     assert entry["path"] == "default" and entry["sha256"] == sha((model_folder / "model.safetensors").read_bytes())
     (weights / "manifest.json").write_text(
@@ -409,3 +409,12 @@ def test_shipped_default_is_checked_at_load(tmp_path, monkeypatch, model_folder)
     (weights / "default" / "model.safetensors").write_bytes(b"\0" * 16)
     with pytest.raises(CheckpointError, match="SHA-256 mismatch"):
         afloc_engine.load_model("default", "cpu")
+
+
+def test_public_functions_are_explicit():
+    """``registry.list`` is a real attribute (an alias of list_models), not a module ``__getattr__`` lookup."""
+    from afloc_engine.registry import list as listed  # a from-import works only for a real attribute
+
+    assert listed is registry.list_models
+    assert "__getattr__" not in vars(registry)
+    assert set(registry.__all__) <= set(vars(registry))

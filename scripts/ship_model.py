@@ -28,7 +28,8 @@ def main() -> int:
     parser.add_argument("--smoothing-sigma", type=float, default=None, help="heatmap smoothing (grid cells) to ship")
     args = parser.parse_args()
     from afloc_engine.checkpoint import read_config
-    from afloc_engine.registry import MANIFEST, PACKAGE_WEIGHTS, shipped_entry
+    from afloc_engine.registry import shipped_entry
+    from afloc_engine.registry.manifest import MANIFEST, PACKAGE_WEIGHTS
 
     _, info = read_config(args.model)
     dest = PACKAGE_WEIGHTS / args.name
