@@ -1,4 +1,5 @@
-"""Dataset readers for evaluation: masks (covid-cxr layout) and box tables (NIH, RSNA) -> samples.
+"""Dataset readers for evaluation: masks (covid-cxr, ChestX-Det layouts), box tables (NIH, RSNA,
+TBX11K) and image-level labels (NIH ChestX-ray14 sample) -> samples.
 
 Every reader returns an :class:`EvalDataset`: one :class:`Sample` per image with the findings it
 is positive for (a mask file, or boxes rasterised to a mask on demand), the findings it is known
@@ -14,11 +15,23 @@ Which images are negatives (for AUROC):
 - RSNA ``stage_2_train_labels``: rows with ``Target == 0`` are negatives for ``pneumonia``.
 - NIH ``BBox_List_2017``: boxes were drawn for some findings of some images only, so no image is
   a negative; no AUROC is computed.
+- ChestX-Det (``chestx-det-nih``): every image was read for all 13 findings, so an image is negative
+  for each finding it has no outline of.
+- TBX11K (``tbx11k-tb``): every image is tuberculosis positive; no negatives.
+- NIH labels (``nih-cxr14-sample``): image-level labels only (no region): positive where the label
+  string names the finding, negative otherwise (NIH's labels are text-mined and noisy). Used for
+  AUROC only (:func:`afloc_engine.evaluation.classification.evaluate_classification`).
+
+Held-out parts (fixed, so that a model trained on the rest can be measured on them):
+:func:`heldout_part` puts an id in ``dev`` when the first 8 hex digits of its SHA-256 are
+divisible by 3 (about a third), else ``train``. TBX11K splits by image id (no patient ids are
+given), the NIH sample by patient id.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 import re
@@ -37,7 +50,34 @@ COVID_ANATOMY: tuple[str, ...] = ("right_lung", "left_lung", "cardiomediastinum"
 IMAGE_SUFFIXES: tuple[str, ...] = (".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".nrrd", ".nii.gz")
 BOX_FRAME_DEFAULT = (1024, 1024)
 """NIH ChestX-ray14 and RSNA boxes are in the pixels of the original 1024 x 1024 images."""
-FORMATS = ("covid", "nih-bbox", "rsna")
+FORMATS = ("covid", "nih-bbox", "rsna", "tbx11k", "chestx-det", "nih-labels")
+CHESTX_DET_FINDINGS: tuple[str, ...] = (
+    "consolidation",
+    "effusion",
+    "fracture",
+    "cardiomegaly",
+    "fibrosis",
+    "nodule",
+    "emphysema",
+    "atelectasis",
+    "pleural_thickening",
+    "calcification",
+    "pneumothorax",
+    "mass",
+    "diffuse_nodule",
+)
+"""The 13 findings ChestX-Det's radiologists outlined (every image was read for all of them)."""
+TB_FINDING = "tuberculosis"
+"""The finding of every TBX11K box (active and obsolete alike); each class is also its own finding."""
+HELDOUT_SPLITS = ("dev", "train")
+
+
+def heldout_part(key: str) -> str:
+    """``dev`` for about a third of ids (SHA-256 of ``key``: first 8 hex digits divisible by 3), else ``train``.
+
+    Fixed and documented, so that training can leave the ``dev`` part out and evaluation use it.
+    """
+    return "dev" if int(hashlib.sha256(key.strip().encode("utf-8")).hexdigest()[:8], 16) % 3 == 0 else "train"
 
 
 def finding_key(name: str) -> str:
@@ -75,6 +115,9 @@ class Sample:
     image: Path
     positives: dict[str, MaskSource] = field(default_factory=dict)
     negatives: set[str] = field(default_factory=set)
+    labels: set[str] = field(default_factory=set)
+    """Findings the image shows by an image-level label only (no region): classification, not localisation."""
+    patient_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,9 +178,11 @@ class EvalDataset:
     labels_complete: bool
     skipped: list[Skip] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    label_set: list[str] = field(default_factory=list)
+    """Every finding the readers looked for (ChestX-Det: 13, also those with no outline here); else ``findings``."""
 
     def positives(self, finding: str) -> list[Sample]:
-        return [s for s in self.samples if finding in s.positives]
+        return [s for s in self.samples if finding in s.positives or finding in s.labels]
 
     def negatives(self, finding: str) -> list[Sample]:
         return [s for s in self.samples if finding in s.negatives]
@@ -149,7 +194,7 @@ class EvalDataset:
     def subset(self, limit: int) -> EvalDataset:
         """The first ``limit`` samples (quick checks); findings recomputed."""
         samples = self.samples[:limit]
-        findings = [f for f in self.findings if any(f in s.positives for s in samples)]
+        findings = [f for f in self.findings if any(f in s.positives or f in s.labels for s in samples)]
         return EvalDataset(
             self.name,
             self.format,
@@ -161,6 +206,7 @@ class EvalDataset:
             self.labels_complete,
             list(self.skipped),
             [*self.notes, f"limited to the first {limit} images"],
+            list(self.label_set),
         )
 
 
@@ -454,6 +500,159 @@ def read_rsna(
     return EvalDataset(csv_path.stem, "rsna", index.root, split, kept, findings, findings, True, skipped, notes)
 
 
+# --- TBX11K, ChestX-Det, NIH labels -------------------------------------------------------------
+def _heldout(rows: list[dict[str, str]], split: str | None, key: str, path: Path) -> list[dict[str, str]]:
+    if split is None:
+        return rows
+    if split not in HELDOUT_SPLITS:
+        raise DataError(f"split must be one of {', '.join(HELDOUT_SPLITS)} (fixed held-out part), not {split!r}", path)
+    return [r for r in rows if heldout_part(r[key]) == split]
+
+
+def _size(row: dict[str, str], prefix: str) -> tuple[int, int] | None:
+    w, h = _float(row.get(f"{prefix}_width", "")), _float(row.get(f"{prefix}_height", ""))
+    return (int(w), int(h)) if w and h and w > 0 and h > 0 else None
+
+
+def read_tbx11k(root: str | Path, split: str | None = None) -> EvalDataset:
+    """A folder in the ``tbx11k-tb`` layout: ``labels.csv``, ``boxes.csv`` (x1, y1, x2, y2) and ``images/``.
+
+    Every box is a region of ``tuberculosis``; each box class (``ActiveTuberculosis``,
+    ``ObsoletePulmonaryTuberculosis``) is also a finding of its own. Boxes are in the released
+    image's pixels (``released_width`` x ``released_height`` of labels.csv, else the image's own).
+    ``split``: ``dev`` (the fixed held-out third, :func:`heldout_part` of the image id), ``train``
+    or None (all). No negatives: every image is TB positive.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("dataset folder not found", root)
+    labels = _read_csv(root / "labels.csv", ("image", "image_id"))
+    boxes = _read_csv(root / "boxes.csv", ("image", "finding", "x1", "y1", "x2", "y2"))
+    labels = _heldout(labels, split, "image_id", root / "labels.csv")
+    skipped: list[Skip] = []
+    samples: dict[str, Sample] = {}
+    frames: dict[str, tuple[int, int] | None] = {}
+    for r in labels:
+        path = root / r["image"]
+        if not path.is_file():
+            skipped.append(Skip(r["image_id"], "image file not found", None, str(path), "image file not found"))
+            continue
+        samples[r["image"]] = Sample(r["image_id"], path)
+        frames[r["image"]] = _size(r, "released")
+    found: dict[tuple[str, str], list[Box]] = {}
+    for r in boxes:
+        if r["image"] not in samples:
+            continue
+        x1, y1, x2, y2 = (_float(r[k]) for k in ("x1", "y1", "x2", "y2"))
+        cls = finding_key(re.sub(r"(?<=[a-z])(?=[A-Z])", " ", r["finding"]))  # ActiveTuberculosis -> active_...
+        if None in (x1, y1, x2, y2) or x2 <= x1 or y2 <= y1:  # type: ignore[operator]
+            skipped.append(Skip(samples[r["image"]].image_id, "invalid box", cls, str(root / "boxes.csv")))
+            continue
+        box = Box(x1, y1, x2 - x1, y2 - y1)  # type: ignore[arg-type,operator]
+        for f in (TB_FINDING, cls):
+            found.setdefault((r["image"], f), []).append(box)
+    for (image, f), bs in found.items():
+        samples[image].positives[f] = MaskSource(boxes=tuple(bs), frame=frames[image])
+    for s in samples.values():
+        if not s.positives:
+            skipped.append(Skip(s.image_id, "no box in boxes.csv", None, str(root / "boxes.csv"), "no boxes"))
+    kept = [s for s in samples.values() if s.positives]
+    findings = _ordered([TB_FINDING, *(f for s in kept for f in s.positives)]) if kept else []
+    part = "all images" if split is None else f"the {split} part ({len(labels)} images)"
+    notes = [
+        "every image is tuberculosis positive: no negatives, no AUROC",
+        f"{part}; the fixed held-out part is heldout_part(image_id) == 'dev'",
+    ]
+    return EvalDataset(root.name, "tbx11k", root, split, kept, findings, findings[:1], False, skipped, notes)
+
+
+def _finding_of_mask(path: str) -> str:
+    stem = Path(path).name
+    stem = stem[: -len(".png")] if stem.lower().endswith(".png") else Path(stem).stem
+    return finding_key(stem.split("__", 1)[1] if "__" in stem else stem)
+
+
+def read_chestx_det(root: str | Path, split: str | None = None) -> EvalDataset:
+    """A folder in the ``chestx-det-nih`` layout: ``labels.csv`` (image, image_id, masks), ``masks/``, ``images/``.
+
+    Each mask file ``masks/<image>__<Finding>.png`` is that finding's outline. Every image was read
+    for all 13 findings (:data:`CHESTX_DET_FINDINGS`), so it is a negative for each one it has no
+    outline of. The whole set is a dev set: ``split`` None, ``dev`` or ``all`` keep every image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("dataset folder not found", root)
+    if split not in (None, "dev", "all"):
+        raise DataError(f"chestx-det is one dev set: split must be dev or all, not {split!r}", root)
+    rows = _read_csv(root / "labels.csv", ("image", "image_id", "masks"))
+    skipped: list[Skip] = []
+    samples: list[Sample] = []
+    for r in rows:
+        path = root / r["image"]
+        if not path.is_file():
+            skipped.append(Skip(r["image_id"], "image file not found", None, str(path), "image file not found"))
+            continue
+        sample = Sample(r["image_id"], path, patient_id=r.get("patient_id") or None)
+        for m in r["masks"].split():
+            f, mpath = _finding_of_mask(m), root / m
+            if not mpath.is_file():
+                skipped.append(Skip(r["image_id"], "mask file not found", f, str(mpath), "mask file not found"))
+                continue
+            sample.positives[f] = MaskSource(path=mpath)
+        every = _ordered([*CHESTX_DET_FINDINGS, *sample.positives])
+        sample.negatives = {f for f in every if f not in sample.positives}
+        samples.append(sample)
+    findings = _ordered(f for f in CHESTX_DET_FINDINGS if any(f in s.positives for s in samples))
+    findings += [f for f in _ordered(f for s in samples for f in s.positives) if f not in findings]
+    notes = ["every image was read for all 13 findings: an image without an outline of a finding is its negative"]
+    label_set = _ordered([*CHESTX_DET_FINDINGS, *findings])
+    return EvalDataset(
+        root.name, "chestx-det", root, split, samples, findings, findings, True, skipped, notes, label_set
+    )
+
+
+NO_FINDING = "no_finding"
+
+
+def read_nih_labels(root: str | Path, split: str | None = None) -> EvalDataset:
+    """A folder in the ``nih-cxr14-sample`` layout: ``labels.csv`` (image, patient_id, findings) and ``images/``.
+
+    ``findings`` is NIH's ``|``-separated label string; an image is positive for each finding it
+    names and negative for the others (``No Finding`` is no finding). Image-level labels only:
+    for AUROC, not localisation. ``split``: ``dev`` (the fixed held-out third of patients,
+    :func:`heldout_part` of the patient id), ``train`` or None (all).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("dataset folder not found", root)
+    rows = _read_csv(root / "labels.csv", ("image", "patient_id", "findings"))
+    rows = _heldout(rows, split, "patient_id", root / "labels.csv")
+    skipped: list[Skip] = []
+    samples: list[Sample] = []
+    named = [{finding_key(f) for f in r["findings"].split("|") if f.strip()} - {NO_FINDING} for r in rows]
+    findings = sorted({f for n in named for f in n}, key=lambda f: -sum(f in n for n in named))
+    for r, present in zip(rows, named):
+        path = root / r["image"]
+        if not path.is_file():
+            skipped.append(Skip(r["image"], "image file not found", None, str(path), "image file not found"))
+            continue
+        samples.append(
+            Sample(
+                Path(r["image"]).stem,
+                path,
+                negatives={f for f in findings if f not in present},
+                labels=present,
+                patient_id=r["patient_id"],
+            )
+        )
+    part = "all patients" if split is None else f"the {split} part of the patients"
+    notes = [
+        "image-level NIH labels (text-mined, noisy): positive where named, negative otherwise; AUROC only",
+        f"{part}; the fixed held-out part is heldout_part(patient_id) == 'dev'",
+    ]
+    return EvalDataset(root.name, "nih-labels", root, split, samples, findings, findings, True, skipped, notes)
+
+
 # --- format detection ------------------------------------------------------------------------
 def detect_format(data: Path) -> str:
     """``covid`` for a folder with pairs.csv + masks.csv; ``nih-bbox`` / ``rsna`` from a CSV's header."""
@@ -463,9 +662,21 @@ def detect_format(data: Path) -> str:
         for name, fmt in (("BBox_List_2017.csv", "nih-bbox"), ("stage_2_train_labels.csv", "rsna")):
             if (data / name).is_file():
                 return fmt
+        if (data / "labels.csv").is_file():
+            try:
+                with (data / "labels.csv").open(newline="", encoding="utf-8-sig") as fh:
+                    cols = {c.strip() for c in next(csv.reader(fh), [])}
+            except (OSError, UnicodeDecodeError, csv.Error) as err:
+                raise DataError(f"cannot read CSV: {err}", data / "labels.csv") from None
+            if "masks" in cols:
+                return "chestx-det"
+            if (data / "boxes.csv").is_file():
+                return "tbx11k"
+            if "findings" in cols:
+                return "nih-labels"
         raise DataError(
-            "cannot tell the dataset format: no pairs.csv/masks.csv, BBox_List_2017.csv or "
-            "stage_2_train_labels.csv (give --format and a CSV)",
+            "cannot tell the dataset format: no pairs.csv/masks.csv, labels.csv (+ boxes.csv or masks), "
+            "BBox_List_2017.csv or stage_2_train_labels.csv (give --format and a CSV)",
             data,
         )
     if not data.is_file():
@@ -520,6 +731,11 @@ def load_dataset(
         if not data.is_dir():
             raise DataError("the covid-cxr format is a folder with pairs.csv, masks.csv and masks/", data)
         return read_covid(data, split)
+    folder_readers = {"tbx11k": read_tbx11k, "chestx-det": read_chestx_det, "nih-labels": read_nih_labels}
+    if fmt in folder_readers:
+        if not data.is_dir():
+            raise DataError(f"the {fmt} format is a folder with labels.csv (see its README)", data)
+        return folder_readers[fmt](data, split)
     reader = read_nih_bbox if fmt == "nih-bbox" else read_rsna
     return reader(_csv_for(data, fmt), images, split, box_frame)
 

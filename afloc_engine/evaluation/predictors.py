@@ -3,6 +3,7 @@
 - :class:`ModelPredictor`: an AFLoc model, images batched through :meth:`AFLoc.localize_batch`;
 - :class:`ConstantPredictor`: the same value everywhere (no localisation at all);
 - :class:`PriorPredictor`: a fixed anatomical prior, a blurred template of each lung field's centre;
+- :class:`LungFieldPredictor`: each image's own lung-field estimate (image processing, no learning);
 - :class:`FunctionPredictor`: any ``fn(images, prompts) -> (heatmaps, probabilities | None)``.
 
 The baselines ignore the prompt and give no probabilities (no AUROC).
@@ -17,17 +18,11 @@ from typing import Any
 import numpy as np
 
 from afloc_engine.io import ImageData
+from afloc_engine.specificity import LUNG_FIELD_CENTRES, LUNG_FIELD_SIGMA, lung_field_map
 
-LUNG_FIELD_CENTRES: tuple[tuple[float, float], ...] = ((0.30, 0.48), (0.70, 0.48))
-"""(x, y) centres of the two lung fields as fractions of the image width and height.
-
-Anatomy of a frontal (PA/AP) chest radiograph framed on the thorax: each lung field spans about
-10-50 % (image left = patient's right) and 50-90 % of the width, and from the apices (~15 %)
-to the hemidiaphragms (~80 %) of the height. Fixed from anatomy; not fitted to any mask.
-"""
-LUNG_FIELD_SIGMA: tuple[float, float] = (0.10, 0.17)
-"""(x, y) Gaussian spread of each lung field's template, as fractions of width and height
-(about a quarter of the field's extent)."""
+LUNG_ESTIMATE_SIGMA = 0.02
+"""Gaussian blur of the lung-field estimate's mask, as a fraction of the image's longest side,
+before it is min-max normalised into a heatmap (:class:`LungFieldPredictor`)."""
 
 
 @dataclass
@@ -93,20 +88,10 @@ def lung_prior(
 ) -> np.ndarray:
     """(H, W) float32 heatmap in [-1, 1]: sum of a Gaussian at each lung field's centre, min-max normalised.
 
-    ``centres`` and ``sigma`` are fractions of the width (x) and height (y) of the image.
+    ``centres`` and ``sigma`` are fractions of the width (x) and height (y) of the image
+    (:func:`afloc_engine.specificity.lung_field_map`).
     """
-    height, width = shape
-    y = (np.arange(height, dtype=np.float64) + 0.5) / height
-    x = (np.arange(width, dtype=np.float64) + 0.5) / width
-    total = np.zeros(shape, dtype=np.float64)
-    for cx, cy in centres:
-        gx = np.exp(-0.5 * ((x - cx) / sigma[0]) ** 2)
-        gy = np.exp(-0.5 * ((y - cy) / sigma[1]) ** 2)
-        total += gy[:, None] * gx[None, :]
-    low, high = total.min(), total.max()
-    if high <= low:
-        return np.zeros(shape, dtype=np.float32)
-    return (2 * (total - low) / (high - low) - 1).astype(np.float32)
+    return lung_field_map(shape, centres, sigma)
 
 
 class PriorPredictor(Predictor):
@@ -131,6 +116,55 @@ class PriorPredictor(Predictor):
         for im in images:
             prior = lung_prior(tuple(im.array.shape[-2:]))
             maps.append(np.repeat(prior[None], len(prompts), axis=0))
+        return Prediction(maps, None)
+
+
+def lung_field_heatmap(image: ImageData, sigma: float = LUNG_ESTIMATE_SIGMA) -> np.ndarray:
+    """(H, W) float32 heatmap in [-1, 1] of one 2D image's own lung fields (no learning, no masks).
+
+    The lung-field estimate of :func:`training.synthetic.lung_fields` (the two dark bands either
+    side of the mediastinum, inside the body), blurred by ``sigma`` x the longest side and
+    min-max normalised. An image where no lung field is found gets the fixed :func:`lung_prior`.
+    """
+    from scipy import ndimage
+
+    from afloc_engine.transforms import normalize_intensity
+    from training.synthetic import lung_fields
+
+    grey = normalize_intensity(image.array, image.window)
+    shape = tuple(grey.shape)
+    fields = lung_fields(grey)
+    if not fields.any():
+        return lung_prior(shape)  # type: ignore[arg-type]
+    smooth = ndimage.gaussian_filter(fields.astype(np.float32), sigma * max(shape))
+    low, high = float(smooth.min()), float(smooth.max())
+    if high <= low:
+        return lung_prior(shape)  # type: ignore[arg-type]
+    return (2 * (smooth - low) / (high - low) - 1).astype(np.float32)
+
+
+class LungFieldPredictor(Predictor):
+    """Each image's own lung-field estimate (:func:`lung_field_heatmap`) for every prompt.
+
+    A stronger baseline than :class:`PriorPredictor`: it follows the image's anatomy, but like it
+    ignores the prompt. A model that scores no better than this has learnt where the lungs are.
+    """
+
+    kind = "baseline"
+    prompt_independent = True
+
+    def __init__(self, name: str = "lung_field") -> None:
+        super().__init__(name)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "description": "the image's own lung-field estimate (training.synthetic.lung_fields), "
+            f"blurred by {LUNG_ESTIMATE_SIGMA:g} x the longest side",
+        }
+
+    def __call__(self, images: Sequence[ImageData], prompts: Sequence[str]) -> Prediction:
+        maps = [np.repeat(lung_field_heatmap(im)[None], len(prompts), axis=0) for im in images]
         return Prediction(maps, None)
 
 
@@ -235,11 +269,15 @@ def as_predictor(obj: PredictorLike, name: str | None = None, batch_size: int = 
     raise TypeError(f"cannot evaluate a {type(obj).__name__}: give an AFLoc model, a Predictor or a function")
 
 
-BASELINES: dict[str, Callable[[], Predictor]] = {"constant": ConstantPredictor, "prior": PriorPredictor}
+BASELINES: dict[str, Callable[[], Predictor]] = {
+    "constant": ConstantPredictor,
+    "prior": PriorPredictor,
+    "lung_field": LungFieldPredictor,
+}
 
 
 def baseline_predictors(names: Sequence[str]) -> list[Predictor]:
-    """Baselines by name (``constant``, ``prior``); raises ValueError for an unknown one."""
+    """Baselines by name (``constant``, ``prior``, ``lung_field``); raises ValueError for an unknown one."""
     out = []
     for n in names:
         key = n.strip().lower()
