@@ -17,6 +17,37 @@ from afloc_engine.errors import ConfigError
 RESNET_DEPTHS = (10, 18, 34, 50, 101, 152, 200)
 EFFICIENTNET_LITE = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
+INFERENCE_CHOICES: dict[str, tuple[object, ...]] = {
+    "inference_mode": ("engine", "reference"),
+    "intensity_scaling": ("percentile", "uint8"),
+    "letterbox_resize": ("bilinear-antialias", "area-uint8"),
+    "encoder_align_corners": (False, True),
+    "text_pooling": ("engine", "reference"),
+    "probability_similarity": ("cosine", "dot"),
+    "smoothing_mode": ("replicate", "scipy-reflect"),
+    "heatmap_range": ("image", "canvas"),
+}
+"""Allowed values of the inference pieces (the first of each is the engine's)."""
+
+REFERENCE_INFERENCE: dict[str, Any] = {
+    "inference_mode": "reference",
+    "intensity_scaling": "uint8",
+    "letterbox_resize": "area-uint8",
+    "encoder_align_corners": True,
+    "text_pooling": "reference",
+    "similarity": "dot",
+    "probability_similarity": "dot",
+    "probability_scale": 1.0,
+    "smoothing_mode": "scipy-reflect",
+    "smoothing_sigma": 1.5,
+    "heatmap_range": "canvas",
+}
+"""The pieces of the reference code's inference (YH0517/AFLoc ``localization/``, ``classification/``):
+cv2 grey 8-bit image, INTER_AREA letterbox to 224, /255, (x - 0.5) / 0.5, bilinear to 299 with
+align_corners=True; report embedding as its BertEncoder computes it; dot-product map, scipy
+gaussian_filter(sigma 1.5), bilinear to the 224 canvas, min-max over the canvas; P(positive) =
+softmax of the dot products of the global feature with the positive and negative prompts."""
+
 
 @dataclass
 class AFLocConfig:
@@ -77,6 +108,34 @@ class AFLocConfig:
     threshold: float = 0.3
     """Default mask threshold on the [-1, 1] heatmap."""
 
+    # --- inference mode: which computation each inference step follows ------------------
+    inference_mode: str = "engine"
+    """``engine`` (this project's choices, engine-trained models) or ``reference`` (the computation
+    of the reference code github YH0517/AFLoc, recorded by ``afloc convert-reference``). A label:
+    what runs is set by the pieces below, which :data:`REFERENCE_INFERENCE` lists for ``reference``."""
+    intensity_scaling: str = "percentile"
+    """``percentile``: the file's display window, else the 0.5-99.5 percentiles, to [0, 1];
+    ``uint8``: the reference's 8-bit pixels / 255 (no window; other images scaled to 8 bits first)."""
+    letterbox_resize: str = "bilinear-antialias"
+    """``bilinear-antialias`` (the short side rounded) or ``area-uint8`` (the reference's OpenCV
+    INTER_AREA on 8-bit pixels, the short side truncated)."""
+    encoder_align_corners: bool = False
+    """``align_corners`` of the bilinear upsampling to ``encoder_input_size`` (the reference: True)."""
+    text_pooling: str = "engine"
+    """``engine``: sentences split at '.', each the mean of its tokens; report = mean of the word
+    tokens. ``reference``: the whole text is one sentence, the mean of its words (each the sum of
+    its pieces); report = the sum over all tokens incl. [CLS]/[SEP] divided by ``text_max_length``."""
+    probability_similarity: str = "cosine"
+    """Similarity of the global feature with the prompts for P(positive): ``cosine`` or ``dot``."""
+    probability_scale: float | None = None
+    """Logit scale of that softmax; ``None`` = ``tau3`` (the reference's classifier uses 1)."""
+    smoothing_mode: str = "replicate"
+    """``replicate``: edges replicated, radius ceil(3 sigma); ``scipy-reflect``: scipy.ndimage's
+    gaussian_filter (edges reflected, radius int(4 sigma + 0.5)) as the reference calls it."""
+    heatmap_range: str = "image"
+    """Min-max to [-1, 1] over ``image`` (the input's own pixels) or ``canvas`` (the whole square
+    network canvas incl. the zero padding, as the reference normalises)."""
+
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes (e.g. training recipe); not used by the model."""
 
@@ -99,6 +158,13 @@ class AFLocConfig:
             raise ConfigError(f"z_aggregation must be 'sum' or 'mean', not {self.z_aggregation!r}")
         if self.similarity not in ("cosine", "dot"):
             raise ConfigError(f"similarity must be 'cosine' or 'dot', not {self.similarity!r}")
+        for name, allowed in INFERENCE_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, not {getattr(self, name)!r}")
+        if (self.intensity_scaling == "uint8") != (self.letterbox_resize == "area-uint8"):
+            raise ConfigError("intensity_scaling 'uint8' and letterbox_resize 'area-uint8' go together")
+        if self.probability_scale is not None and not self.probability_scale > 0:
+            raise ConfigError(f"probability_scale must be > 0 (or null for tau3), not {self.probability_scale}")
         if min(self.weight_word, self.weight_sentence, self.weight_global) < 0:
             raise ConfigError("loss weights must be >= 0")
         if self.image_size < 32 or self.embed_dim < 1 or self.text_max_length < 4:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +51,21 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x.squeeze(1)
 
 
+def gaussian_smooth_scipy(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """scipy.ndimage.gaussian_filter of each (N, *grid) map, as the reference smooths its similarity map.
+
+    Edges reflected (scipy's ``reflect``: the edge cell repeated, d c b a | a b c d), kernel radius
+    int(4 sigma + 0.5), computed on the CPU in the maps' dtype; returned on the maps' device.
+    """
+    if sigma <= 0:
+        return maps
+    from scipy import ndimage
+
+    arrays = maps.detach().cpu().numpy()
+    out = np.stack([ndimage.gaussian_filter(a, sigma=sigma, order=0, mode="reflect") for a in arrays])
+    return torch.from_numpy(out).to(maps.device)
+
+
 def minmax_to_unit(maps: torch.Tensor) -> torch.Tensor:
     """Min-max normalise each map of (N, ...) to [-1, 1]; a constant map becomes 0."""
     flat = maps.reshape(maps.shape[0], -1)
@@ -60,22 +76,42 @@ def minmax_to_unit(maps: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def grid_to_image(grid_maps: torch.Tensor, box: Letterbox, sigma: float = 1.5) -> torch.Tensor:
+def grid_to_image(
+    grid_maps: torch.Tensor,
+    box: Letterbox,
+    sigma: float = 1.5,
+    smoothing_mode: str = "replicate",
+    heatmap_range: str = "image",
+) -> torch.Tensor:
     """(P, g, g) similarity maps on the feature grid -> (P, H, W) heatmaps in [-1, 1] on the image.
 
-    Smooth on the grid, upsample bilinearly to the S x S canvas, undo the letterbox, min-max
-    normalise over the image's own pixels (the padding never sets the range). Full-size maps are
-    made one prompt at a time into one output tensor, so peak memory stays near the output's size.
+    Smooth on the grid (``smoothing_mode``: ``replicate`` edges, or ``scipy-reflect`` as the
+    reference), upsample bilinearly to the S x S canvas, undo the letterbox. ``heatmap_range``:
+    ``image`` min-max normalises over the image's own pixels (the padding never sets the range;
+    every map spans exactly [-1, 1]); ``canvas`` normalises over the whole canvas, padding
+    included, before the letterbox is undone (the reference's [-1, 1] values, shown on the
+    image's pixels: a map may not reach -1 or 1 there). Full-size maps are made one prompt at a
+    time into one output tensor, so peak memory stays near the output's size.
     """
-    smoothed = gaussian_smooth(grid_maps.float(), sigma)
+    if smoothing_mode == "scipy-reflect":
+        smoothed = gaussian_smooth_scipy(grid_maps.float(), sigma)
+    elif smoothing_mode == "replicate":
+        smoothed = gaussian_smooth(grid_maps.float(), sigma)
+    else:
+        raise ValueError(f"smoothing_mode must be 'replicate' or 'scipy-reflect', not {smoothing_mode!r}")
+    if heatmap_range not in ("image", "canvas"):
+        raise ValueError(f"heatmap_range must be 'image' or 'canvas', not {heatmap_range!r}")
     canvas = F.interpolate(smoothed.unsqueeze(1), size=(box.size, box.size), mode="bilinear", align_corners=False)
+    if heatmap_range == "canvas":
+        canvas = minmax_to_unit(canvas)
     out = canvas.new_empty((canvas.shape[0], box.height, box.width))
     for p in range(canvas.shape[0]):
         heat = box.invert(canvas[p])[0]
-        low, high = heat.min(), heat.max()
-        if high > low:
-            heat.sub_(low).mul_(2.0 / (high - low)).sub_(1.0)
-        else:
-            heat.zero_()
+        if heatmap_range == "image":
+            low, high = heat.min(), heat.max()
+            if high > low:
+                heat.sub_(low).mul_(2.0 / (high - low)).sub_(1.0)
+            else:
+                heat.zero_()
         out[p] = heat
     return out

@@ -22,7 +22,7 @@ from afloc_engine.io import ImageData, read_image
 from afloc_engine.models import AFLocModel
 from afloc_engine.prompts import negative_prompt, validate_prompts
 from afloc_engine.results import LocalizationResult, VolumeResult
-from afloc_engine.transforms import Letterbox, prepare_image
+from afloc_engine.transforms import Letterbox, prepare_image, prepare_image_reference
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ class AFLoc:
     def prepare(self, image: ImageData) -> tuple[torch.Tensor, Letterbox]:
         """(C, S, S) network input and the letterbox of one 2D image."""
         c = self.config
+        if c.letterbox_resize == "area-uint8":  # with intensity_scaling "uint8" (AFLocConfig checks)
+            return prepare_image_reference(image.array, c.image_size, c.intensity_mean, c.intensity_std, c.in_channels)
         return prepare_image(image.array, c.image_size, image.window, c.intensity_mean, c.intensity_std, c.in_channels)
 
     @torch.inference_mode()
@@ -102,11 +104,19 @@ class AFLoc:
         return feats.deep.float(), feats.global_.float()
 
     def probabilities(self, global_features: torch.Tensor, prompts: list[str], negatives: list[str]) -> torch.Tensor:
-        """(B, P) P(positive) = softmax over [positive, negative] of tau3 * cos(global, prompt)."""
-        pos = torch.nn.functional.normalize(self.embed_prompts(prompts), dim=-1)
-        neg = torch.nn.functional.normalize(self.embed_prompts(negatives), dim=-1)
-        g = torch.nn.functional.normalize(global_features, dim=-1)
-        logits = torch.stack([g @ pos.t(), g @ neg.t()], dim=-1) * self.config.tau3
+        """(B, P) P(positive) = softmax over [positive, negative] of scale * similarity(global, prompt).
+
+        Engine models: cosine similarity, scale tau3. Converted reference models: the dot product
+        and scale 1 (the reference's zero-shot head: prompt embeddings as a bias-free linear layer).
+        """
+        c = self.config
+        pos, neg, g = self.embed_prompts(prompts), self.embed_prompts(negatives), global_features
+        if c.probability_similarity == "cosine":
+            pos = torch.nn.functional.normalize(pos, dim=-1)
+            neg = torch.nn.functional.normalize(neg, dim=-1)
+            g = torch.nn.functional.normalize(g, dim=-1)
+        scale = c.tau3 if c.probability_scale is None else c.probability_scale
+        logits = torch.stack([g @ pos.t(), g @ neg.t()], dim=-1) * scale
         return torch.softmax(logits, dim=-1)[..., 0]
 
     # --- the public call ---------------------------------------------------------------------
@@ -162,7 +172,8 @@ class AFLoc:
             probs = self.probabilities(glob, prompts, negatives).cpu().numpy().astype(np.float32)
             results = []
             for i, (data, (_, box)) in enumerate(zip(datas, prepared)):
-                heat = grid_to_image(grids[i], box, self.config.smoothing_sigma).cpu().numpy()
+                c = self.config
+                heat = grid_to_image(grids[i], box, c.smoothing_sigma, c.smoothing_mode, c.heatmap_range).cpu().numpy()
                 results.append(
                     LocalizationResult(
                         list(prompts),

@@ -7,6 +7,7 @@ S x S canvas is mapped back onto the original pixels.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,16 @@ class Letterbox:
         w = max(1, min(size, round(width * scale)))
         return cls(height, width, size, h, w, (size - h) // 2, (size - w) // 2)
 
+    @classmethod
+    def fit_reference(cls, height: int, width: int, size: int) -> Letterbox:
+        """The reference's letterbox: longest side = ``size``, the other ``int(side * size / longest)``
+        (truncated, not rounded), padding split floor/ceil (the extra pixel at the bottom/right)."""
+        if height >= width:
+            h, w = size, max(1, int(float(width) * (size / float(height))))
+        else:
+            h, w = max(1, int(float(height) * (size / float(width)))), size
+        return cls(height, width, size, h, w, (size - h) // 2, (size - w) // 2)
+
     def apply(self, image: torch.Tensor) -> torch.Tensor:
         """(..., C, H, W) -> (..., C, S, S): area-preserving resize, zero padding."""
         lead = image.shape[:-2]
@@ -71,6 +82,107 @@ class Letterbox:
         valid = self.valid_region(maps).unsqueeze(1)
         out = F.interpolate(valid, size=(self.height, self.width), mode="bilinear", align_corners=False)
         return out.squeeze(1)
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """(H, W) pixels -> uint8 as the reference reads them.
+
+    Integer pixels already in [0, 255] (8-bit PNG/JPEG) are kept as they are; other non-negative
+    images are scaled by 255 / max and rounded (the reference's DICOM reader, ``convertScaleAbs``);
+    images with negative values are min-max scaled to [0, 255] first. The display window is ignored.
+    """
+    a = np.asarray(array, dtype=np.float64)
+    low, high = float(a.min()), float(a.max())
+    if low >= 0 and high <= 255 and np.array_equal(a, np.round(a)):
+        return a.astype(np.uint8)
+    if low < 0:
+        a, high = a - low, high - low
+    if high <= 0:
+        return np.zeros(a.shape, np.uint8)
+    return np.clip(np.rint(a * (255.0 / high)), 0, 255).astype(np.uint8)
+
+
+def _area_table(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and float32 weights of area resampling, (n_out, k) each (zero-weight padding).
+
+    Output cell i covers [i * s, i * s + s) of the input, s = 1 / (n_out / n_in) in double
+    precision; a partly covered pixel is weighted by the covered fraction (fractions under 1e-3
+    are dropped), every weight divided by the cell's width, as OpenCV tabulates ``INTER_AREA``.
+    """
+    scale = 1.0 / (n_out / n_in)
+    rows: list[list[tuple[int, float]]] = []
+    for i in range(n_out):
+        f1 = i * scale
+        f2 = f1 + scale
+        cell = min(scale, n_in - f1)
+        s1, s2 = math.ceil(f1), math.floor(f2)
+        s2 = min(s2, n_in - 1)
+        s1 = min(s1, s2)
+        entries = []
+        if s1 - f1 > 1e-3:
+            entries.append((s1 - 1, (s1 - f1) / cell))
+        entries.extend((j, 1.0 / cell) for j in range(s1, s2))
+        if f2 - s2 > 1e-3:
+            entries.append((s2, min(min(f2 - s2, 1.0), cell) / cell))
+        rows.append(entries)
+    k = max(len(r) for r in rows)
+    index = np.zeros((n_out, k), np.int64)
+    weight = np.zeros((n_out, k), np.float32)
+    for i, entries in enumerate(rows):
+        for j, (src, w) in enumerate(entries):
+            index[i, j], weight[i, j] = src, np.float32(w)
+    return index, weight
+
+
+def area_resize_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize a uint8 (H, W) image to (height, width) as OpenCV's ``INTER_AREA`` does; uint8 out.
+
+    Shrinking: each output pixel is the area-weighted mean of the input pixels its cell covers,
+    accumulated in float32 row by row in OpenCV's order and rounded half to even; a 2x2 integer
+    shrink rounds halves up, as OpenCV's fast path. Enlarging falls back to bilinear interpolation
+    (OpenCV's ``INTER_LINEAR``, which it computes in fixed point: there a pixel can differ by one level).
+    """
+    h0, w0 = image.shape
+    if (h0, w0) == (height, width):
+        return image.astype(np.uint8, copy=True)
+    if h0 < height or w0 < width:
+        t = torch.from_numpy(image.astype(np.float32))[None, None]
+        out = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if h0 % height == 0 and w0 % width == 0:
+        fy, fx = h0 // height, w0 // width
+        blocks = image.astype(np.int64).reshape(height, fy, width, fx).sum(axis=(1, 3))
+        if fy == fx == 2:
+            return ((blocks + 2) // 4).astype(np.uint8)
+        return np.clip(np.rint(blocks.astype(np.float32) * np.float32(1.0 / (fy * fx))), 0, 255).astype(np.uint8)
+    src = image.astype(np.float32)
+    x_index, x_weight = _area_table(w0, width)
+    rows = np.zeros((h0, width), np.float32)
+    for j in range(x_index.shape[1]):  # horizontal sums, in the table's order, float32
+        rows += src[:, x_index[:, j]] * x_weight[None, :, j]
+    y_index, y_weight = _area_table(h0, height)
+    out = rows[y_index[:, 0]] * y_weight[:, :1]
+    for j in range(1, y_index.shape[1]):
+        out += rows[y_index[:, j]] * y_weight[:, j : j + 1]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def prepare_image_reference(
+    array: np.ndarray, size: int, mean: float = 0.5, std: float = 0.5, channels: int = 1
+) -> tuple[torch.Tensor, Letterbox]:
+    """The reference's inference input: 8-bit grey, INTER_AREA letterbox to ``size`` (zero padding),
+    / 255, then (x - mean) / std. Returns ((C, S, S) float32, letterbox)."""
+    grey = to_uint8(array)
+    box = Letterbox.fit_reference(grey.shape[0], grey.shape[1], size)
+    resized = area_resize_uint8(grey, box.resized_height, box.resized_width)
+    canvas = torch.zeros(1, size, size)
+    canvas[0, box.top : box.top + box.resized_height, box.left : box.left + box.resized_width] = torch.from_numpy(
+        resized.astype(np.float32) / 255.0
+    )
+    canvas = (canvas - mean) / std
+    if channels == 3:
+        canvas = canvas.expand(3, -1, -1)
+    return canvas, box
 
 
 def prepare_image(

@@ -164,7 +164,8 @@ class ImageEncoder(nn.Module):
         size = self.config.encoder_input_size
         if size is not None and tuple(images.shape[2:]) != (size,) * self.config.spatial_dims:
             mode = "bilinear" if self.config.spatial_dims == 2 else "trilinear"
-            images = F.interpolate(images, size=(size,) * self.config.spatial_dims, mode=mode, align_corners=False)
+            align = bool(getattr(self.config, "encoder_align_corners", False))  # True: the reference's nn.Upsample
+            images = F.interpolate(images, size=(size,) * self.config.spatial_dims, mode=mode, align_corners=align)
         s8, s16, s32 = self.backbone(images)
         pooled = s32.flatten(2).mean(dim=2)
         return ImageFeatures(self.shallow_proj(s8), self.deep_proj(s16), self.global_proj(pooled))

@@ -149,12 +149,35 @@ class TextEncoder(nn.Module):
 
     def forward(self, tokens: TokenizedReports) -> TextFeatures:
         hidden = self.subword_features(tokens)  # (B, T, H)
+        if getattr(self.config, "text_pooling", "engine") == "reference":
+            return self._reference_features(hidden, tokens)
         words, word_mask = _pool(hidden, tokens.word_index, int(tokens.n_words.max()), mean=False)
         sentences, sentence_mask = _pool(hidden, tokens.sentence_index, int(tokens.n_sentences.max()), mean=True)
         valid = (tokens.word_index >= 0).unsqueeze(-1).to(hidden.dtype)
         report = (hidden * valid).sum(1) / valid.sum(1).clamp(min=1.0)
         return TextFeatures(
             self.projection(words), word_mask, self.projection(sentences), sentence_mask, self.projection(report)
+        )
+
+    def _reference_features(self, hidden: torch.Tensor, tokens: TokenizedReports) -> TextFeatures:
+        """The reference BertEncoder's pooling (``agg_tokens``, ``take_sent_as_units``, sum over layers).
+
+        words: each word the sum of its pieces; sentences: ONE per report, the mean of its words
+        (the reference removes the '.' before tokenising, so the whole text is one sentence);
+        report: the sum over every real token, [CLS] and [SEP] included, divided by
+        ``text_max_length`` (its mean over all slots of the padded sequence, padding slots zero).
+        """
+        words, word_mask = _pool(hidden, tokens.word_index, int(tokens.n_words.max()), mean=False)
+        n_words = word_mask.sum(dim=1, keepdim=True)  # (B, 1)
+        sentence = (words * word_mask.unsqueeze(-1).to(hidden.dtype)).sum(1) / n_words.clamp(min=1).to(hidden.dtype)
+        real = tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)
+        report = (hidden * real).sum(1) / float(self.config.text_max_length)
+        return TextFeatures(
+            self.projection(words),
+            word_mask,
+            self.projection(sentence.unsqueeze(1)),
+            n_words > 0,
+            self.projection(report),
         )
 
     def encode(self, reports: list[str]) -> TextFeatures:
