@@ -14,9 +14,11 @@ Writes go to a temporary folder renamed into place, so a crash never leaves half
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -73,30 +75,141 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<tag>[A-Za-z0-9_]+)\.tmp$")
+_LEGACY_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<tag>[A-Za-z0-9_]{8})\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (a PID of this process counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def recover_folder(final: Path) -> None:
+    """Finish what an interrupted :func:`commit_folder` / :func:`atomic_folder` for ``final`` left behind.
+
+    A backup (``.NAME.PID.old.tmp``, or the older ``NAME.old.tmp``) of a dead writer is put back when
+    ``final`` is missing (the kill fell between the two renames: the previous state returns) and deleted
+    otherwise; temporary folders ``.NAME.PID.XXXXXXXX.tmp`` of dead writers are deleted. Leftovers of a
+    live process are left alone.
+    """
+    parent = final.parent
+    if not parent.is_dir():
+        return
+    backups = [parent / f"{final.name}.old.tmp"]
+    temps = []
+    for entry in parent.iterdir():
+        match = _TMP_NAME.match(entry.name)
+        if match and match["name"] == final.name and not _pid_alive(int(match["pid"])):
+            (backups if match["tag"] == "old" else temps).append(entry)
+        elif (legacy := _LEGACY_TMP.match(entry.name)) and legacy["name"] == final.name:
+            temps.append(entry)
+    for backup in backups:
+        if not backup.exists():
+            continue
+        if final.exists():
+            _remove(backup)
+        else:
+            os.replace(backup, final)
+    for temp in temps:
+        _remove(temp)
+
+
+def clean_leftovers(parent: Path) -> list[Path]:
+    """:func:`recover_folder` for every interrupted write found directly in ``parent``; returns the finals.
+
+    Call it with the folder's lock held (see :mod:`afloc_engine.locks`) or where only one writer runs.
+    """
+    finals = set()
+    if parent.is_dir():
+        for entry in parent.iterdir():
+            match = _TMP_NAME.match(entry.name) or _LEGACY_TMP.match(entry.name)
+            if match:
+                finals.add(parent / match["name"])
+            elif entry.name.endswith(".old.tmp"):
+                finals.add(parent / entry.name[: -len(".old.tmp")])
+    for final in sorted(finals):
+        recover_folder(final)
+    return sorted(finals)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder`` and every folder (so their entries are on disk too)."""
+    for path in [*folder.rglob("*"), folder]:
+        if path.is_symlink():
+            continue
+        if path.is_file():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder's entry list (after a rename into it); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows: folders cannot be opened; renames are durable there already
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_folder(final: Path) -> Path:
-    """A fresh temporary folder beside ``final``; pass it to :func:`commit_folder` when complete."""
+    """A fresh temporary folder ``.NAME.PID.XXXXXXXX.tmp`` beside ``final``; pass it to :func:`commit_folder`.
+
+    Leftovers of an earlier interrupted write of ``final`` by a dead process are recovered first
+    (:func:`recover_folder`), so interrupted runs leave no temporary folders behind after the next one.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    recover_folder(final)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
 
 
 def commit_folder(tmp: Path, final: Path, overwrite: bool = False) -> None:
     """Move a completed temporary folder into place (replacing ``final`` only if ``overwrite``).
 
-    Permissions become the usual 755 (folders) / 644 (files): ``mkdtemp`` makes 700.
+    Every file is fsynced before the rename and the parent folder after it, so a power cut leaves the old
+    or the new folder, never a folder of empty files. Replacing goes through a backup
+    ``.NAME.PID.old.tmp``: a kill between the two renames is undone by the next :func:`atomic_folder`
+    (the previous folder comes back). Permissions become the usual 755 (folders) / 644 (files):
+    ``mkdtemp`` makes 700. Raises :class:`CheckpointError` if ``final`` exists and not ``overwrite``.
     """
     for path in [tmp, *tmp.rglob("*")]:
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    fsync_tree(tmp)
     if final.exists():
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError("already exists; refusing to overwrite it", final)
-        backup = final.with_name(final.name + ".old.tmp")
-        shutil.rmtree(backup, ignore_errors=True)
+        backup = final.with_name(f".{final.name}.{os.getpid()}.old.tmp")
+        _remove(backup)
         os.replace(final, backup)
         os.replace(tmp, final)
-        shutil.rmtree(backup, ignore_errors=True)
+        fsync_dir(final.parent)
+        _remove(backup)
     else:
         os.replace(tmp, final)
+        fsync_dir(final.parent)
 
 
 def model_state(model: AFLocModel, include_text_transformer: bool, dtype: torch.dtype | None = None) -> dict:
@@ -211,6 +324,9 @@ def load_model_folder(
     folder = Path(folder)
     config, info = read_config(folder)
     state, digest = load_weights(folder, expected_sha256)
+    bundled = folder / config.text_model  # a text model kept inside the folder (afloc convert-reference)
+    if text_model_dir is None and not Path(config.text_model).is_absolute() and (bundled / "config.json").is_file():
+        text_model_dir = bundled
     # every weight comes from the file: skip fetching ImageNet weights for the backbone's init
     model = AFLocModel(config.replace(pretrained_backbone=False), text_model_dir)
     model.config = config

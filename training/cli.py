@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
+import os
+import shutil
 from pathlib import Path
 
 from afloc_engine.cli.common import add_progress_argument
 from afloc_engine.errors import AFLocError, ConfigError
+from afloc_engine.locks import add_wait_argument, folder_lock
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common(p, config_required=False)
     p.add_argument("--run-dir", type=Path, required=True, help="run folder (config, metrics, checkpoints, model)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    add_wait_argument(p)
     p = sub.add_parser("prepare", help="decode the training images once into a memory-mapped store")
     common(p, config_required=True)
     p.add_argument("--store", type=Path, help="store folder (default: data.store of the config)")
@@ -84,12 +87,38 @@ def run(args: argparse.Namespace) -> int:
         prepare_store(records, store, config.data.store_size, config.data.prepare_workers, args.progress)
         print(f"store {store}: {len(records)} pairs ({len(skipped)} rows skipped while reading the sources)")
         return 0
-    from training.trainer import Trainer
-
-    final = Trainer(config, args.run_dir, resume=args.resume, progress=args.progress).fit()
+    final = _train_locked(config, args)
     if args.progress != "json":
         print(f"model: {final}")
     return 0
+
+
+def _train_locked(config, args: argparse.Namespace) -> Path:  # noqa: ANN001 (TrainConfig)
+    """Train holding the run folder's lock (one writer per run folder; rank 0 of a torchrun job holds it).
+
+    Leftovers of an interrupted run (temporary checkpoint folders, backups) are recovered first. A run
+    that fails before writing anything leaves no run folder behind (the lock made it).
+    """
+    from contextlib import nullcontext
+
+    from afloc_engine.checkpoint import clean_leftovers
+    from afloc_engine.locks import LOCK_FILE
+    from training.trainer import Trainer
+
+    run_dir: Path = args.run_dir
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    created = not run_dir.exists()
+    lock = folder_lock(run_dir, "afloc train run", wait=args.wait) if main_rank else nullcontext()
+    with lock:
+        try:
+            if main_rank:
+                clean_leftovers(run_dir)
+                clean_leftovers(run_dir / "checkpoints")
+            return Trainer(config, run_dir, resume=args.resume, progress=args.progress).fit()
+        except BaseException:
+            if main_rank and created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,15 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    from afloc_engine.cli import handle_error
+
     try:
         return run(args)
-    except AFLocError as err:
-        if getattr(args, "progress", None) == "json":
-            from afloc_engine.progress import emit
-
-            emit("error", message=err.problem, path=None if err.path is None else str(err.path))
-        print(f"afloc train: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("afloc train: cancelled", file=sys.stderr)
-        return 130
+    except (AFLocError, OSError, MemoryError, RuntimeError, KeyboardInterrupt) as err:
+        return handle_error(err, "train", getattr(args, "progress", None), args.verbose, args)

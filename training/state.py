@@ -24,7 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from afloc_engine.checkpoint import ModelInfo, apply_state, atomic_folder, commit_folder, load_weights, save_model
+from afloc_engine.checkpoint import (
+    ModelInfo,
+    apply_state,
+    atomic_folder,
+    clean_leftovers,
+    commit_folder,
+    fsync_dir,
+    load_weights,
+    save_model,
+)
 from afloc_engine.errors import CheckpointError
 from afloc_engine.models import AFLocModel
 
@@ -120,28 +129,35 @@ def save_checkpoint(
             "rng": rng_plain,
         }
         (tmp / STATE_JSON).write_text(json.dumps(plain, indent=1))
-        _fsync_tree(tmp)
-        commit_folder(tmp, folder, overwrite=True)
+        commit_folder(tmp, folder, overwrite=True)  # fsyncs the files, then the folder after the rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = folder.parent / LATEST
-    tmp_pointer = folder.parent / f".{LATEST}.tmp"
-    tmp_pointer.write_text(folder.name + "\n")
-    os.replace(tmp_pointer, pointer)
+    write_pointer(folder.parent, folder.name)
     prune(folder.parent, keep)
     return folder
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
+def write_pointer(checkpoints: Path, name: str) -> None:
+    """Point ``LATEST`` at ``name`` atomically: temporary file, fsync, rename, fsync of the folder."""
+    pointer = checkpoints / LATEST
+    tmp_pointer = checkpoints / f".{LATEST}.tmp"
+    with tmp_pointer.open("w") as fh:
+        fh.write(name + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp_pointer, pointer)
+    fsync_dir(checkpoints)
 
 
 def prune(checkpoints: Path, keep: int) -> None:
-    """Remove all but the ``keep`` newest complete checkpoints and any leftover temporary folders."""
+    """Remove all but the ``keep`` newest complete checkpoints and any leftover temporary folders.
+
+    Leftovers of an interrupted write are recovered first (:func:`afloc_engine.checkpoint.clean_leftovers`:
+    a backup whose checkpoint is missing is put back, temporary folders of dead writers are deleted).
+    """
+    clean_leftovers(checkpoints)
+    (checkpoints / f".{LATEST}.tmp").unlink(missing_ok=True)
     latest = latest_checkpoint(checkpoints)
     done = sorted(p for p in checkpoints.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-keep]:

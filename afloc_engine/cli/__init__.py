@@ -1,16 +1,21 @@
 """The ``afloc`` command. Each subcommand lives in its own module with ``add_arguments`` and ``run``.
 
-Errors a user can fix (:class:`afloc_engine.errors.AFLocError`) print one line naming the file
-and the problem and exit with code 2; with ``--progress json`` they are also a JSON line.
+Errors a user can fix (:class:`afloc_engine.errors.AFLocError`) and faults of the environment (disk
+full, read-only file system, permission denied, out of memory on the CPU or GPU) print one line naming
+what failed and where and exit with code 2; with ``--progress json`` they are also a JSON ``error`` line.
+Writes are atomic (temporary sibling, fsync, rename), so such a failure leaves no partial output.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import logging
+import os
 import sys
+from pathlib import Path
 
 from afloc_engine.errors import AFLocError
 
@@ -23,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("afloc_engine.cli.finetune", "few-shot fine-tuning on user masks -> an adapter"),
     "train": ("training.cli", "contrastive (re)training of an AFLoc model"),
     "convert-reference": ("afloc_engine.cli.convert", "import a reference AFLoc Lightning checkpoint"),
+    "serve": ("afloc_engine.cli.serve", "a warm engine for a GUI: localize/finetune requests as JSON lines on stdin"),
 }
 
 
@@ -42,6 +48,115 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ERRNO_WORDS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EFBIG: "file too large for this file system",
+}
+
+
+def _write_target(args: argparse.Namespace | None) -> Path | None:
+    """The folder a command writes to (``--out``, ``--run-dir``, the model cache), for messages."""
+    for attr in ("out", "run_dir", "store"):
+        value = getattr(args, attr, None) if args is not None else None
+        if value is not None:
+            return Path(value)
+    if args is not None and getattr(args, "command", None) == "models":
+        try:
+            from afloc_engine.registry import models_dir
+
+            return models_dir()
+        except Exception:  # pragma: no cover (only for a message)
+            return None
+    return None
+
+
+def _diagnose(folder: Path | None) -> str | None:
+    """Why writing under ``folder`` may fail: full, read-only or not writable (None when none of these)."""
+    probe = folder
+    while probe is not None and not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe is None:
+        return None
+    try:
+        st = os.statvfs(probe)
+    except (OSError, AttributeError):
+        return None
+    if st.f_flag & getattr(os, "ST_RDONLY", 1):
+        return _ERRNO_WORDS[errno.EROFS]
+    if st.f_bavail * st.f_frsize < 1 << 20:
+        return _ERRNO_WORDS[errno.ENOSPC]
+    if not os.access(probe, os.W_OK):
+        return _ERRNO_WORDS[errno.EACCES]
+    return None
+
+
+def environment_problem(err: BaseException, args: argparse.Namespace | None = None) -> tuple[str, str | None] | None:
+    """(problem, where) for a fault of the environment rather than of the program, else None.
+
+    Disk full, read-only file system, permission denied (any ``OSError``, with the file it names), a
+    SimpleITK/ITK write failure (diagnosed from the target folder: full, read-only, not writable), out of
+    memory on the CPU (``MemoryError``) or the GPU (``torch.cuda.OutOfMemoryError`` or a "CUDA out of
+    memory" ``RuntimeError``).
+    """
+    if isinstance(err, MemoryError):
+        return "out of memory (CPU RAM): close other programs or give fewer/smaller inputs", None
+    text = str(err)
+    if type(err).__name__ == "OutOfMemoryError" or (isinstance(err, RuntimeError) and "out of memory" in text):
+        first = text.strip().splitlines()[0] if text.strip() else "out of memory"
+        return f"out of memory on the GPU ({first[:160]}): try --device cpu or fewer inputs at once", None
+    if isinstance(err, OSError):
+        words = _ERRNO_WORDS.get(err.errno or 0) or (err.strerror or type(err).__name__).lower()
+        where = err.filename or _write_target(args)
+        return words, None if where is None else str(where)
+    if isinstance(err, RuntimeError) and "SimpleITK" in text and ("Writ" in text or "writ" in text):
+        target = _write_target(args)
+        why = _diagnose(target)
+        if why is None:
+            return None
+        return f"could not write an output file: {why}", None if target is None else str(target)
+    return None
+
+
+def handle_error(
+    err: BaseException,
+    command: str,
+    progress: str | None,
+    verbose: bool = False,
+    args: argparse.Namespace | None = None,
+) -> int:
+    """Turn an exception into one line on stderr (and a JSON ``error`` event); returns the exit code.
+
+    :class:`AFLocError` and environment faults (:func:`environment_problem`) give exit code 2,
+    ``KeyboardInterrupt`` 130; anything else is re-raised (a bug: the traceback is what helps).
+    """
+    if isinstance(err, KeyboardInterrupt):
+        print(f"afloc {command}: cancelled", file=sys.stderr)
+        return 130
+    if isinstance(err, AFLocError):
+        problem, where = err.problem, None if err.path is None else str(err.path)
+        line = str(err)
+    else:
+        found = environment_problem(err, args)
+        if found is None:
+            raise err
+        problem, where = found
+        line = f"{where}: {problem}" if where else problem
+        if verbose:
+            import traceback
+
+            traceback.print_exception(type(err), err, err.__traceback__)
+    if progress == "json":
+        from afloc_engine.progress import emit
+
+        emit("error", message=problem, path=where)
+    print(f"afloc {command}: error: {line}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,16 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except AFLocError as err:
-        if getattr(args, "progress", None) == "json":
-            from afloc_engine.progress import emit
-
-            emit("error", message=err.problem, path=None if err.path is None else str(err.path))
-        print(f"afloc {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"afloc {args.command}: cancelled", file=sys.stderr)
-        return 130
+    except (AFLocError, OSError, MemoryError, RuntimeError, KeyboardInterrupt) as err:
+        return handle_error(err, args.command, getattr(args, "progress", None), args.verbose, args)
 
 
 if __name__ == "__main__":  # pragma: no cover
