@@ -20,7 +20,8 @@ def test_dicom_monochrome1_is_inverted_and_window_follows(sample_dicom):
     # inverted: the brightest stored value becomes the darkest
     assert np.corrcoef(image.array.ravel()[::97], raw.ravel()[::97])[0, 1] < -0.999
     low, high = image.window
-    assert high - low == pytest.approx(float(ds.WindowWidth))
+    # PS3.3 C.11.2.1.2 LINEAR: black at <= c - 0.5 - (w - 1) / 2, white above c - 0.5 + (w - 1) / 2
+    assert high - low == pytest.approx(float(ds.WindowWidth) - 1)
     assert image.spacing == (1.0, 1.0)  # the header's PixelSpacing is 0\0: fall back, don't divide by zero
 
 

@@ -1,0 +1,57 @@
+"""PNG, JPEG, BMP and TIFF through Pillow: 8/16-bit and float values kept, colour kept, size bounded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from afloc_engine.errors import ImageReadError
+from afloc_engine.io.image import ImageData, check_pixel_limit, log, quiet_libraries, rgb_to_grey
+
+# Pillow modes that hold one channel of 16- or 32-bit integers or 32-bit floats: read as they are
+_WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;32", "I;32B", "I;32L", "F;32", "F;32B"}
+_GREY_MODES = {"1", "L", "LA", "La"}
+
+
+def read_raster(path: Path) -> ImageData:
+    """Read a PNG/JPEG/BMP/TIFF as a 2D image with unit spacing (these formats carry no patient geometry).
+
+    Grey 8-bit -> 0..255; 16-bit PNG/TIFF -> 0..65535; float TIFF -> its float values; colour -> the
+    luminance in ``array`` and the channels in ``rgb`` (uint8). Multi-page TIFFs give their first page.
+    Raises :class:`ImageReadError` for unreadable files and for images above the pixel limit
+    (:func:`afloc_engine.io.max_pixels`), checked from the header before any pixel is decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    rgb = None
+    try:
+        with quiet_libraries(), Image.open(path) as img:
+            check_pixel_limit(img.size[0], img.size[1], path)
+            if getattr(img, "n_frames", 1) > 1:
+                log.warning("%s: %d pages; reading the first", path, img.n_frames)
+            img.load()
+            mode = img.mode
+            if mode in _WIDE_MODES:
+                array = np.asarray(img).astype(np.float32)
+            elif mode in _GREY_MODES or (mode in ("P", "PA") and _palette_is_grey(img)):
+                array = np.asarray(img.convert("L"), dtype=np.float32)
+            else:
+                rgb = np.asarray(img.convert("RGB"))
+                array = rgb_to_grey(rgb)
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(f"image is too large: {err}", path) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"cannot read image (truncated or not an image?): {err}", path) from None
+    if array.ndim != 2:
+        raise ImageReadError(f"cannot read image: unexpected pixel layout {array.shape} (mode {mode})", path)
+    image = ImageData.from_array(array)
+    image.rgb = rgb
+    image.meta["mode"] = mode
+    return image
+
+
+def _palette_is_grey(img) -> bool:  # noqa: ANN001 (PIL.Image.Image)
+    palette = img.getpalette() or []
+    entries = np.asarray(palette[: 3 * 256], dtype=np.int32).reshape(-1, 3)
+    return bool(entries.size == 0 or ((entries[:, 0] == entries[:, 1]) & (entries[:, 1] == entries[:, 2])).all())
