@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +139,112 @@ def test_images_and_masks_must_pair_up(model_dir, files, tmp_path, capsys):
     assert code == 2
     assert "3 images but 1 masks" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+# --- the few-shot loop as the docs write it: finetune --out DIR, then localize --adapter DIR ------------------
+def test_the_documented_loop_chains_through_the_shared_store(model_dir, files, tmp_path):
+    """Without --out the adapter goes to $AFLOC_HOME/adapters (the Slicer module's store too); the path is
+    printed; localize --adapter takes the store folder itself, and results.json and the CLI say which adapter
+    it used, its weight and whether it kept the zero-shot map and why."""
+    from afloc_engine.finetune.adapter import default_adapter_store
+
+    home = tmp_path / "home"
+    env = {**REPO_ENV, "AFLOC_HOME": str(home)}
+    images, masks = files
+    cmd = _command(model_dir, files, tmp_path / "unused", "--epochs", "2", "--seed", "1")
+    out_at = cmd.index("--out")
+    del cmd[out_at : out_at + 2]
+    cmd[cmd.index("json")] = "none"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    printed = Path(proc.stdout.strip().splitlines()[-1])
+    store = home / "adapters"
+    assert printed.parent == store and (printed / "adapter.json").is_file()
+    assert "--adapter" in proc.stderr  # says how to use it
+    os.environ["AFLOC_HOME"], old = str(home), os.environ.get("AFLOC_HOME")
+    try:
+        assert default_adapter_store() == store
+    finally:
+        if old is None:
+            del os.environ["AFLOC_HOME"]
+        else:
+            os.environ["AFLOC_HOME"] = old
+    out = tmp_path / "out"
+    loc = subprocess.run(
+        [sys.executable, "-m", "afloc_engine", "localize", str(images[0]), "--prompt", "Findings suggesting blob",
+         "--prompt", "Findings suggesting something else", "--out", str(out), "--model", str(model_dir),
+         "--device", "cpu", "--adapter", str(store), "--progress", "none"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert loc.returncode == 0, loc.stderr
+    results = json.loads((out / "img0" / "results.json").read_text())
+    used = results["adapter"]
+    meta = json.loads((printed / "adapter.json").read_text())
+    assert used["path"] == str(printed) and used["name"] == printed.name
+    assert used["weight"] == meta["config"]["blend"]
+    assert used["zero_shot_fallback"] == (meta["config"]["blend"] == 0)
+    assert (used["fallback_reason"] is not None) == used["zero_shot_fallback"]
+    assert used["prompts"] == ["Findings suggesting blob"]  # the other prompt stays zero-shot
+    assert f"adapter {printed.name}" in loc.stderr
+
+
+def _fake_adapter(folder, findings, created, base="tiny@1:abc"):
+    folder.mkdir(parents=True)
+    meta = {"format": "afloc-adapter", "findings": findings, "base_model_id": base, "created": created,
+            "prompts": [f"Findings suggesting {f}" for f in findings]}  # fmt: skip
+    (folder / "adapter.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_folder_of_adapters_resolves_to_the_newest_for_the_finding(tmp_path):
+    from afloc_engine.errors import CheckpointError
+    from afloc_engine.finetune.adapter import resolve_adapter
+
+    old = _fake_adapter(tmp_path / "blob-1", ["blob"], "2026-01-01T10:00:00+00:00")
+    new = _fake_adapter(tmp_path / "blob-2", ["blob"], "2026-01-02T10:00:00+00:00")
+    other = _fake_adapter(tmp_path / "spot-1", ["spot"], "2026-01-03T10:00:00+00:00")
+    foreign = _fake_adapter(tmp_path / "blob-3", ["blob"], "2026-01-04T10:00:00+00:00", base="other@1:def")
+    (tmp_path / ".tmp-blob-9").mkdir()  # an unfinished fine-tune is never picked
+    assert resolve_adapter(tmp_path, ["Findings suggesting blob"], "tiny@1:abc") == new
+    assert resolve_adapter(tmp_path, ["Findings suggesting blob"], "other@1:def") == foreign
+    assert resolve_adapter(tmp_path, ["Findings suggesting spot"]) == other
+    assert resolve_adapter(old, ["anything at all"]) == old  # an adapter folder is itself
+    with pytest.raises(CheckpointError, match="no adapter here for the findings"):
+        resolve_adapter(tmp_path, ["Findings suggesting pneumothorax"], "tiny@1:abc")
+    with pytest.raises(CheckpointError, match="ambiguous: the prompts name findings of different adapters"):
+        resolve_adapter(tmp_path, ["Findings suggesting blob", "Findings suggesting spot"], "tiny@1:abc")
+    _fake_adapter(tmp_path / "blob-2b", ["blob"], "2026-01-02T10:00:00+00:00")
+    with pytest.raises(CheckpointError, match="created at the same time"):
+        resolve_adapter(tmp_path, ["Findings suggesting blob"], "tiny@1:abc")
+    with pytest.raises(CheckpointError, match="no adapter for base model"):
+        resolve_adapter(tmp_path, ["Findings suggesting blob"], "third@1:000")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="no adapter.json here and no adapter folder inside"):
+        resolve_adapter(empty, ["Findings suggesting blob"])
+
+
+def test_weight_0_is_said_in_results_json_and_on_the_overlay(tiny_afloc, tmp_path):
+    """An adapter that kept the zero-shot map says so, and why, wherever its output is read."""
+    from afloc_engine.finetune import create_adapter, localize_with_adapter
+    from afloc_engine.finetune.adapter import adapter_note
+    from afloc_engine.outputs import write_results
+
+    adapter = create_adapter(tiny_afloc, "blob")
+    adapter.config.blend = 0.0
+    adapter.metrics = {"validation": {"dice_by_blend": {"0": 0.41, "0.5": 0.38, "1": 0.33}, "zero_shot_dice": 0.41}}
+    folder = adapter.save(tmp_path / "store")
+    image = np.random.default_rng(0).uniform(0, 255, (48, 40)).astype(np.float32)
+    prompts = ["Findings suggesting blob", "Findings suggesting spot"]
+    [result] = localize_with_adapter(tiny_afloc, tmp_path / "store", [image], prompts)
+    assert result.adapter["path"] == str(folder) and result.adapter["zero_shot_fallback"] is True
+    assert "did not beat the zero-shot heatmap" in result.adapter["fallback_reason"]
+    assert "0.41" in result.adapter["fallback_reason"]
+    write_results(result, tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert summary["adapter"]["zero_shot_fallback"] is True and summary["adapter"]["prompts"] == prompts[:1]
+    assert adapter_note(summary["adapter"], short=True) == "adapter w=0: zero-shot"
+    assert "weight 0, zero-shot map kept (the leave-one-out fits" in adapter_note(summary["adapter"])
+    # without an adapter, results.json has no adapter entry
+    write_results(tiny_afloc.localize(image, prompts), tmp_path / "plain")
+    assert "adapter" not in json.loads((tmp_path / "plain" / "results.json").read_text())

@@ -137,8 +137,15 @@ def write_results(
         write_segmentation(
             result.image, result.masks, [finding_of(p) for p in result.prompts], tmp / files["segmentation"]
         )
+        adapter = getattr(result, "adapter", None)  # which few-shot adapter changed which prompts (or None)
         if overlay:
-            write_overlay_png(result.image, result.heatmaps, result.masks, result.prompts, tmp / "overlay.png")
+            titles = list(result.prompts)
+            if adapter:
+                from afloc_engine.finetune.adapter import adapter_note
+
+                note = adapter_note(adapter, short=True)
+                titles = [f"[{note}] {t}" if t in adapter["prompts"] else t for t in titles]
+            write_overlay_png(result.image, result.heatmaps, result.masks, titles, tmp / "overlay.png")
             files["overlay"] = "overlay.png"
         summary = {
             "input": str(result.image.source) if result.image.source else None,
@@ -157,6 +164,7 @@ def write_results(
                 for p, n, prob, m in zip(result.prompts, result.negative_prompts, result.probabilities, result.masks)
             ],
             "files": files,
+            **({"adapter": adapter} if adapter else {}),
             **(extra or {}),
         }
         if not result.trained:

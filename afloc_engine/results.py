@@ -16,7 +16,9 @@ class LocalizationResult:
 
     heatmaps: (P, H, W) float32 in [-1, 1] on the input's pixel grid (same geometry as ``image``).
     masks: (P, H, W) bool, ``heatmaps > threshold``. probabilities: (P,) float32, P(finding
-    present) from the prompt against its negative ("No {finding}").
+    present) from the prompt against its negative ("No {finding}"). adapter: with a few-shot
+    adapter, what ``afloc_engine.finetune.adapter_usage`` says (its folder, weight, whether it kept
+    the zero-shot map and why, the prompts it changed); None without one.
     """
 
     prompts: list[str]
@@ -28,6 +30,7 @@ class LocalizationResult:
     model_id: str
     trained: bool
     negative_prompts: list[str] = field(default_factory=list)
+    adapter: dict | None = None
 
     def with_threshold(self, threshold: float) -> LocalizationResult:
         """The same heatmaps thresholded anew (no network run); a result of the same type."""

@@ -2,6 +2,9 @@
 
 Writes ``DIR/<finding>-<timestamp>/`` (adapter.safetensors, adapter.json, metrics.json) and
 prints its path (``--progress json``: a final ``{"event": "done", "adapter": PATH, ...}`` line).
+``DIR`` defaults to the adapter store shared with the Slicer module, ``$AFLOC_HOME/adapters``
+(:func:`afloc_engine.finetune.adapter.default_adapter_store`); ``afloc localize --adapter DIR``
+takes either the printed folder or ``DIR`` itself (then the newest adapter for the prompt's finding).
 Made to run as a child process of a GUI: ``--progress json`` gives one JSON line per step
 (``step, total, loss, eta_s``, the held-out Dice when there is one); SIGTERM or Ctrl-C cancel
 cleanly (exit 143 / 130) and leave no adapter folder.
@@ -10,6 +13,7 @@ cleanly (exit 143 / 130) and leave no adapter folder.
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -31,7 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--finding", required=True, help='the finding the masks show, e.g. "ground glass opacity"')
     parser.add_argument("--prompt", help="zero-shot prompt to start from (default: 'Findings suggesting FINDING')")
-    parser.add_argument("--out", type=Path, default=Path("adapters"), help="adapters folder (default: ./adapters)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder to put the adapter in, as OUT/<finding>-<timestamp>/ (default: the store shared with "
+        "Slicer, $AFLOC_HOME/adapters, i.e. ~/.cache/afloc/adapters)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="epochs over the cached views (default: auto)")
     parser.add_argument("--views", type=int, default=None, help="encoded views per image (default: auto)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same adapter)")
@@ -54,6 +64,7 @@ def _on_sigterm(_signum: int, _frame: Any) -> None:  # noqa: ANN401
 def run(args: argparse.Namespace) -> int:
     import afloc_engine
     from afloc_engine.finetune import parse_examples
+    from afloc_engine.finetune.adapter import default_adapter_store, fallback_reason
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     # Ctrl-C cancels even where SIGINT was inherited as ignored (a job started in the background by a
@@ -95,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             cv_folds=args.cv_folds,
             progress=report,
         )
-        path = adapter.save(args.out)
+        path = adapter.save(args.out if args.out is not None else default_adapter_store())
         if progress is not None:
             if progress.step < progress.total:  # early stopping ends before the planned total
                 progress.update(progress.total - progress.step, message="saved")
@@ -118,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
             heldout_dice=m.get("heldout_dice"),
             heldout_dice_zero_shot=m.get("heldout_dice_zero_shot"),
             blend=m.get("blend"),
+            zero_shot_fallback=fallback_reason(adapter) is not None,
+            fallback_reason=fallback_reason(adapter),
             validation=m.get("validation"),
             warnings=m.get("warnings", []),
             seconds=m.get("seconds", {}).get("total"),
@@ -125,6 +138,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         for warning in m.get("warnings", []):
             print(f"afloc finetune: warning: {warning}", file=sys.stderr)
+        print(
+            f"afloc finetune: adapter written (correction weight {adapter.config.blend:g}); apply it with "
+            f"afloc localize IMAGE --prompt {shlex.quote(adapter.prompts[0])} --adapter {shlex.quote(str(path))}",
+            file=sys.stderr,
+        )
         print(path)
     return 0
 

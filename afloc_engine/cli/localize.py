@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 from afloc_engine.cli.common import add_model_arguments, add_progress_argument
@@ -30,7 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="for volumes: intensity window before normalisation: auto (file window, else HU [-1150, 350] for CT, "
         "else percentiles), ct, percentile, or LOW,HIGH (write --window=-200,300 when LOW is negative)",
     )
-    parser.add_argument("--adapter", type=Path, default=None, help="few-shot adapter folder (afloc finetune) to apply")
+    parser.add_argument(
+        "--adapter",
+        type=Path,
+        default=None,
+        help="few-shot adapter to apply: an adapter folder, or a folder of adapters (e.g. afloc finetune's --out) "
+        "from which the newest for the prompts' finding is taken",
+    )
     add_model_arguments(parser)
     add_progress_argument(parser)
 
@@ -99,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter is not None:
         from afloc_engine.finetune import load_adapter
 
-        adapter = load_adapter(args.adapter, model)
+        adapter = load_adapter(args.adapter, model, prompts)  # an adapter folder, or a folder of them
         for path, image in zip(args.inputs, images):
             if image.is_volume:
                 raise AFLocError("adapters apply to 2D images only", path)
@@ -132,8 +139,15 @@ def run(args: argparse.Namespace) -> int:
                 write_dicom_seg(path, result, out_dir / "masks.dcm")
             written.append(str(out_dir))
             progress.update(1, message=str(path), output=str(out_dir))
+    usage = None
+    if adapter is not None:
+        from afloc_engine.finetune.adapter import adapter_note, adapter_usage
+
+        usage = adapter_usage(adapter, prompts)
+        if args.progress != "json":
+            print(f"afloc localize: {adapter_note(usage)}", file=sys.stderr)
     if args.progress == "json":
-        emit("done", outputs=written, model_id=model.model_id, trained=model.info.trained)
+        emit("done", outputs=written, model_id=model.model_id, trained=model.info.trained, adapter=usage)
     else:
         for w in written:
             print(w)

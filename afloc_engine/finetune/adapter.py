@@ -1,6 +1,7 @@
 """Adapters: a fine-tuned head saved beside (never inside) its base model, and inference with it.
 
-An adapter folder ``adapters/<finding>-<timestamp>/`` holds::
+Adapters are kept in one store, :func:`default_adapter_store` (``$AFLOC_HOME/adapters``), shared by
+the ``afloc`` CLI and the Slicer module. An adapter folder ``<store>/<finding>-<timestamp>/`` holds::
 
     adapter.safetensors   head weights (and the tuned last encoder stage, if it was unfrozen)
     adapter.json          format, findings, prompts, base model id, head config, training example ids, created
@@ -8,6 +9,9 @@ An adapter folder ``adapters/<finding>-<timestamp>/`` holds::
 
 It is written to a hidden temporary folder and renamed at the end, so a cancelled or crashed
 fine-tune leaves no adapter folder. An adapter refuses to run on another base model.
+
+Wherever an adapter folder is expected, a folder of adapters (the store) also works: with the
+prompts, :func:`resolve_adapter` picks the newest adapter for the finding they name.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from afloc_engine.finetune.features import (
     tap_encoder,
 )
 from afloc_engine.finetune.head import AdapterHead, HeadConfig
-from afloc_engine.prompts import TEMPLATE, finding_of, negative_prompt, validate_prompts
+from afloc_engine.prompts import TEMPLATE, finding_key, negative_prompt, validate_prompts
 from afloc_engine.transforms import Letterbox
 
 if TYPE_CHECKING:
@@ -195,14 +199,15 @@ class Adapter:
 
     def match(self, prompts: Sequence[str]) -> list[int | None]:
         """For each prompt, the index of the adapter finding it names (by prompt text or finding), or None."""
-        by_prompt = {p.strip().lower(): i for i, p in enumerate(self.config.prompts)}
-        by_finding = {f.strip().lower(): i for i, f in enumerate(self.config.findings)}
+        # case, underscores and extra spaces do not count: 'ground glass opacity' names 'ground_glass_opacity'
+        by_prompt = {finding_key(p): i for i, p in enumerate(self.config.prompts)}
+        by_finding = {finding_key(f): i for i, f in enumerate(self.config.findings)}
         out: list[int | None] = []
         for p in prompts:
-            key = p.strip().lower()
+            key = finding_key(p)
             idx = by_prompt.get(key)
             if idx is None:
-                idx = by_finding.get(finding_of(p).strip().lower())
+                idx = by_finding.get(key)
             out.append(idx)
         return out
 
@@ -332,15 +337,20 @@ def create_adapter(
     return Adapter(config, model.model_id)
 
 
-def load_adapter(path: str | Path, model: AFLoc | None = None) -> Adapter:
+def load_adapter(path: str | Path, model: AFLoc | None = None, prompts: Sequence[str] | None = None) -> Adapter:
     """Read an adapter folder (``adapter.json`` + ``adapter.safetensors``); with ``model``, check it is the base.
 
-    Raises :class:`CheckpointError` naming the file for a missing, corrupt or foreign adapter.
+    ``path`` may also be a folder of adapters (the store, or an ``afloc finetune --out`` folder): the
+    newest adapter of ``model`` for the finding ``prompts`` name is read (:func:`resolve_adapter`).
+    Raises :class:`CheckpointError` naming the file for a missing, corrupt or foreign adapter, or a
+    folder of adapters holding none (or more than one newest) for these prompts.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(path)
+    if folder.is_dir() and not (folder / ADAPTER_CONFIG).is_file() and list_adapters(folder):
+        folder = resolve_adapter(folder, prompts, model.model_id if model is not None else None)
     cfg_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not folder.is_dir():
         raise CheckpointError("adapter folder not found", folder)
@@ -422,6 +432,148 @@ def _load_module(module: torch.nn.Module, state: dict[str, torch.Tensor], prefix
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in mine.items()}, strict=False)
 
 
+# --- the store -----------------------------------------------------------------------------------
+def list_adapters(store: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The adapter folders directly inside ``store`` with their ``adapter.json``, newest first.
+
+    Folders whose ``adapter.json`` is missing, unreadable or not an AFLoc adapter, and hidden
+    (temporary) folders, are left out. Order: ``created`` (ISO time, UTC), then folder name.
+    """
+    store = Path(store)
+    found = []
+    if not store.is_dir():
+        return found
+    for folder in store.iterdir():
+        cfg = folder / ADAPTER_CONFIG
+        if folder.name.startswith(".") or not cfg.is_file():
+            continue
+        try:
+            meta = json.loads(cfg.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(meta, dict) and meta.get("format") == ADAPTER_FORMAT:
+            found.append((folder, meta))
+    found.sort(key=lambda fm: (_created(fm[1]), fm[0].name), reverse=True)
+    return found
+
+
+def _created(meta: dict[str, Any]) -> datetime:
+    try:
+        t = datetime.fromisoformat(str(meta.get("created")))
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _meta_matches(meta: dict[str, Any], prompts: Sequence[str]) -> bool:
+    """Whether one of ``prompts`` names one of the adapter's findings (as :meth:`Adapter.match`)."""
+    own = {finding_key(str(t)) for t in [*meta.get("prompts", []), *meta.get("findings", [])]}
+    return any(finding_key(p) in own for p in prompts)
+
+
+def resolve_adapter(path: str | Path, prompts: Sequence[str] | None = None, base_model_id: str | None = None) -> Path:
+    """The adapter folder to use for ``path``: itself when it holds ``adapter.json``, else, for a folder of
+    adapters (e.g. :func:`default_adapter_store` or an ``afloc finetune --out`` folder), the newest adapter
+    whose finding one of ``prompts`` names (any adapter without prompts), of ``base_model_id`` when given.
+
+    Raises :class:`CheckpointError` (one line naming the folder) when the folder does not exist, holds no
+    such adapter, or when the choice is ambiguous: the prompts name findings of different adapters, or
+    two matching adapters were created in the same second.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError("adapter folder not found", folder)
+    if (folder / ADAPTER_CONFIG).is_file():
+        return folder
+    adapters = list_adapters(folder)
+    if not adapters:
+        raise CheckpointError(
+            f"no {ADAPTER_CONFIG} here and no adapter folder inside: give an adapter folder or a folder of "
+            "adapters (afloc finetune --out)",
+            folder,
+        )
+    if base_model_id is not None:
+        mine = [(f, m) for f, m in adapters if m.get("base_model_id") == base_model_id]
+        if not mine:
+            others = sorted({str(m.get("base_model_id")) for _, m in adapters})
+            raise CheckpointError(
+                f"no adapter for base model {base_model_id!r} here (only for {', '.join(others)})", folder
+            )
+        adapters = mine
+    if prompts is not None:
+        matching = [(f, m) for f, m in adapters if _meta_matches(m, prompts)]
+        if not matching:
+            have = sorted({"+".join(m.get("findings", [])) for _, m in adapters})
+            raise CheckpointError(
+                f"no adapter here for the findings these prompts name (adapters here: {', '.join(have)})", folder
+            )
+        adapters = matching
+    kinds = sorted({"+".join(str(f).lower() for f in m.get("findings", [])) for _, m in adapters})
+    if len(kinds) > 1:
+        raise CheckpointError(
+            f"ambiguous: the prompts name findings of different adapters ({', '.join(kinds)}); give one adapter folder",
+            folder,
+        )
+    if len(adapters) > 1 and _created(adapters[0][1]) == _created(adapters[1][1]):
+        raise CheckpointError(
+            f"ambiguous: {adapters[0][0].name} and {adapters[1][0].name} were created at the same time; "
+            "give one adapter folder",
+            folder,
+        )
+    return adapters[0][0]
+
+
+def fallback_reason(adapter: Adapter) -> str | None:
+    """Why the adapter leaves the zero-shot heatmap unchanged (its weight ``blend`` is 0), or None when it
+    does not: a plain sentence for results.json, the CLI and the Slicer log."""
+    if adapter.config.blend != 0:
+        return None
+    validation = adapter.metrics.get("validation") or {}
+    scores = validation.get("dice_by_blend") or {}
+    if scores:
+        best_other = max((v for k, v in scores.items() if float(k) != 0), default=None)
+        detail = f" (Dice {scores.get('0', validation.get('zero_shot_dice'))} at weight 0"
+        detail += f", at most {best_other} with the correction)" if best_other is not None else ")"
+        return (
+            "the leave-one-out fits did not beat the zero-shot heatmap on their left-out examples"
+            + detail
+            + ": the adapter keeps the zero-shot map (weight 0); more or more representative masks may help"
+        )
+    return "the adapter's correction weight is 0: it keeps the zero-shot map"
+
+
+def adapter_usage(adapter: Adapter, prompts: Sequence[str]) -> dict[str, Any]:
+    """What ``results.json`` says about the adapter a run used: its folder and name, findings, base model,
+    created, the correction's weight, whether it fell back to the zero-shot map and why, the prompts it
+    changed, the number of training examples and its fine-tuning warnings."""
+    matches = adapter.match(list(prompts))
+    reason = fallback_reason(adapter)
+    return {
+        "path": str(adapter.path) if adapter.path is not None else None,
+        "name": adapter.path.name if adapter.path is not None else None,
+        "findings": adapter.findings,
+        "base_model_id": adapter.base_model_id,
+        "created": adapter.created,
+        "weight": float(adapter.config.blend),
+        "zero_shot_fallback": reason is not None,
+        "fallback_reason": reason,
+        "prompts": [p for p, m in zip(prompts, matches) if m is not None],
+        "training_examples": len(adapter.example_ids),
+        "warnings": list(adapter.metrics.get("warnings", [])),
+    }
+
+
+def adapter_note(usage: dict[str, Any], short: bool = False) -> str:
+    """One line for the CLI summary: ``adapter NAME, weight 0.5`` or ``adapter NAME: weight 0, zero-shot
+    map kept (REASON)``; ``short`` (an overlay title): ``adapter w=0.5`` or ``adapter w=0: zero-shot``."""
+    if short:
+        return "adapter w=0: zero-shot" if usage.get("zero_shot_fallback") else f"adapter w={usage['weight']:g}"
+    name = usage.get("name") or "(unsaved)"
+    if usage.get("zero_shot_fallback"):
+        return f"adapter {name}: weight 0, zero-shot map kept ({usage.get('fallback_reason')})"
+    return f"adapter {name}, weight {usage['weight']:g}"
+
+
 # --- inference ---------------------------------------------------------------------------------
 def localize_with_adapter(
     model: AFLoc,
@@ -434,15 +586,19 @@ def localize_with_adapter(
 ) -> list[LocalizationResult]:
     """:meth:`AFLoc.localize_batch` with an adapter: the adapter's findings get corrected heatmaps.
 
+    ``adapter``: an :class:`Adapter`, its folder, or a folder of adapters (the newest for the
+    prompts' finding is used). Each result's ``adapter`` field records which adapter was used, its
+    weight, and whether (and why) it kept the zero-shot map (:func:`adapter_usage`).
+
     The zero-shot heatmaps come from the unchanged base path (one encoder pass, whose features the
     head reuses); heatmap = clip(zero-shot + blend * correction, -1, 1); masks = heatmap > threshold.
     Probabilities are the zero-shot ones. Raises :class:`CheckpointError` for another base model,
     :class:`PromptError` when no prompt names one of the adapter's findings.
     """
-    if not isinstance(adapter, Adapter):
-        adapter = load_adapter(adapter, model)
-    adapter.check_base(model)
     prompts = validate_prompts(prompts)
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter, model, prompts)
+    adapter.check_base(model)
     matches = adapter.match(prompts)
     if all(m is None for m in matches):
         raise PromptError(
@@ -459,6 +615,7 @@ def localize_with_adapter(
         all_negatives = validate_prompts(negative_prompts) + [negative_prompt(p) for p in extra]
     base, corrections = _base_and_corrections(model, adapter, images, all_prompts, threshold, all_negatives)
     zs_index = [all_prompts.index(p) for p in adapter.prompts]
+    usage = adapter_usage(adapter, prompts)
     out = []
     for r, delta in zip(base, corrections):
         heat = r.heatmaps[: len(prompts)].copy()
@@ -474,6 +631,7 @@ def localize_with_adapter(
                 masks=heat > r.threshold,
                 probabilities=r.probabilities[: len(prompts)],
                 negative_prompts=r.negative_prompts[: len(prompts)],
+                adapter=usage,
             )
         )
     return out
