@@ -16,8 +16,11 @@ JSON-lines events (one object per line on stdout, ``--progress json``)::
 The warm engine (``afloc serve``) reads one request per line on stdin and answers with the same
 events, each carrying the request's ``id``::
 
+    <- {"event": "ready", "pid": 1234, "version": "0.1.0"}
     -> {"id": 1, "command": "localize", "args": ["img.nrrd", "--prompt", "...", "--out", "/tmp/o"]}
     <- {"event": "progress", "id": 1, ...} ... {"event": "done", "id": 1, ...}
+    <- {"event": "finished", "id": 1, "exit_code": 0}
+    -> {"command": "shutdown"}
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ ERROR = "error"
 CANCELLED = "cancelled"
 READY = "ready"
 """``afloc serve``: the engine is up and reads requests (keys: ``pid``, ``version``)."""
-EVENTS = (PROGRESS, DONE, ERROR, CANCELLED, READY)
+FINISHED = "finished"
+"""``afloc serve``: a request has ended (keys: ``id``, ``exit_code`` as the one-shot command's exit status)."""
+EVENTS = (PROGRESS, DONE, ERROR, CANCELLED, READY, FINISHED)
+EXIT_CODE = "exit_code"
 
 # keys of a progress event
 STEP = "step"
@@ -100,16 +106,18 @@ def parse_line(line: str) -> dict[str, Any] | None:
 
 # --- segment colours and codes ------------------------------------------------------------------------
 SEGMENT_COLORS: list[tuple[float, float, float]] = [
-    (0.90, 0.30, 0.25),
-    (0.20, 0.60, 0.90),
-    (0.95, 0.75, 0.10),
-    (0.30, 0.75, 0.35),
-    (0.65, 0.40, 0.85),
-    (0.95, 0.50, 0.15),
     (0.25, 0.80, 0.80),
+    (0.30, 0.75, 0.35),
+    (0.20, 0.60, 0.90),
+    (0.65, 0.40, 0.85),
     (0.85, 0.35, 0.60),
+    (0.95, 0.75, 0.10),
+    (0.95, 0.50, 0.15),
+    (0.90, 0.30, 0.25),
 ]
-"""Distinct segment colours (RGB in 0..1), cycled by prompt index; the .seg.nrrd, DICOM SEG and Slicer share them."""
+"""Distinct segment colours (RGB in 0..1), cycled by prompt index; the .seg.nrrd, DICOM SEG and Slicer share them.
+
+Cool colours first: mask outlines stand out from the heatmap's warm (inferno) colours."""
 
 
 def segment_color(index: int) -> tuple[float, float, float]:
