@@ -160,3 +160,38 @@ def test_loss_falls_when_pairs_align():
     assert aligned.word < shuffled.word
     assert aligned.sentence < shuffled.sentence
     assert aligned.global_ < shuffled.global_
+
+
+def test_memory_policy_lives_on_the_loss_instance():
+    """Two AFLocLoss objects with different memory policies run side by side; neither changes the other
+    or the functional default (no module-level setting to reset), and both give the same Z."""
+    from afloc_engine.losses import AFLocLoss
+
+    g = torch.Generator().manual_seed(3)
+    regions = torch.randn(3, 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    text = torch.randn(4, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.arange(5)[None] < torch.tensor([[5], [2], [1], [4]])
+    lean, keep = AFLocLoss(save_elements=0, chunk_elements=30), AFLocLoss()
+    z_lean, z_keep = lean.similarity(regions, text, mask), keep.similarity(regions, text, mask)
+    assert "LocalSimilarity" in type(z_lean.grad_fn).__name__  # recomputes in backward
+    assert "LocalSimilarity" not in type(z_keep.grad_fn).__name__  # keeps autograd's intermediates
+    assert "LocalSimilarity" not in type(local_similarity(regions, text, mask).grad_fn).__name__
+    torch.testing.assert_close(z_lean, z_keep, rtol=1e-12, atol=1e-12)
+    assert "save_elements=0" in repr(lean)
+
+
+def test_afloc_loss_takes_a_model_configs_settings_and_refuses_bad_ones():
+    from afloc_engine.config import AFLocConfig
+    from afloc_engine.losses import AFLocLoss
+
+    config = AFLocConfig(embed_dim=12, tau1=3.0, tau3=7.0, weight_word=0.0, weight_global=2.0, z_aggregation="mean")
+    loss = AFLocLoss.from_config(config, chunk_size=2)
+    assert (loss.tau1, loss.tau2, loss.tau3, loss.weights) == (3.0, 5.0, 7.0, (0.0, 1.0, 2.0))
+    assert loss.aggregation == "mean" and loss.chunk_size == 2
+    out = loss.compute(**_features())
+    assert out.word.item() == 0 and out.sentence.item() > 0
+    torch.testing.assert_close(out.total, out.sentence + 2 * out.global_)
+    with pytest.raises(ValueError, match="aggregation"):
+        AFLocLoss(aggregation="max")
+    with pytest.raises(ValueError, match="weights"):
+        AFLocLoss(weights=(1.0, -1.0, 1.0))

@@ -47,12 +47,8 @@ def test_compiled_kernel_equals_eager():
     regions, text, mask = _inputs(seed=1)
     eager = losses.local_similarity(regions, text, mask)
     g_eager = torch.autograd.grad(eager.sum(), (regions, text))
-    losses.compile_local_similarity(True)
-    try:
-        comp = losses.local_similarity(regions, text, mask)
-        g_comp = torch.autograd.grad(comp.sum(), (regions, text))
-    finally:
-        losses.compile_local_similarity(False)
+    comp = losses.AFLocLoss(compile=True).similarity(regions, text, mask)  # the setting lives on the instance
+    g_comp = torch.autograd.grad(comp.sum(), (regions, text))
     assert _rel(comp, eager) < 1e-4
     for a, b in zip(g_comp, g_eager):
         assert _rel(a, b) < 1e-3

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from afloc_engine.config import AFLocConfig
+from afloc_engine.losses import AFLocLoss
 from afloc_engine.models import ImageFeatures, TextFeatures
 from afloc_engine.models.afloc import features_loss
 
@@ -50,7 +51,7 @@ def test_row_column_shares_equal_afloc_loss_and_its_gradients(soft):
         targets = torch.eye(5, dtype=torch.float64) + 0.5 * (torch.rand(5, 5, dtype=torch.float64) > 0.6)
         targets = targets / targets.sum(1, keepdim=True)
     want = _engine(image, text, c, targets)
-    got = _sharded_loss(image, text, c, DistInfo(), targets, None, None)
+    got = _sharded_loss(image, text, AFLocLoss.from_config(c), DistInfo(), targets, None)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-9, atol=1e-9)
     inputs = [*image, text.words, text.sentences, text.report]
@@ -71,8 +72,8 @@ def test_text_only_negatives_join_only_the_image_to_report_side():
     c = AFLocConfig(embed_dim=8)
     image, text = _features()
     _, extra = _features(b=3, seed=9)
-    base = training_loss(image, text, c)
-    with_neg = training_loss(image, text, c, DistInfo(), extra_text=extra)
+    base = training_loss(image, text, AFLocLoss.from_config(c))
+    with_neg = training_loss(image, text, AFLocLoss.from_config(c), DistInfo(), extra_text=extra)
     labels = torch.arange(5)
     sim = global_similarity(image.global_, text.report) * c.tau3
     rows = torch.cat([sim, global_similarity(image.global_, extra.report) * c.tau3], dim=1)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from afloc_engine.errors import ConfigError
+from afloc_engine.losses import NEG_LOGIT
 from afloc_engine.text import split_sentences
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,7 +43,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 NORMAL_TEMPLATE = "{organ} shows no significant abnormalities."
 FALSE_NEGATIVE_MODES = ("none", "soft", "masked")
-_NEG = -1e4  # a large negative logit that stays finite in bf16
 
 DEFAULT_ANATOMY_KEYWORDS: dict[str, tuple[str, ...]] = {
     "lung": ("lung", "lungs", "pulmonary", "lobe", "lobes", "pleural", "pneumothorax", "bronchi", "airway"),
@@ -336,7 +336,7 @@ def calibrated_infonce(
             target = eye.float().expand_as(lg)
         else:
             target = soft_targets(pr, valid)
-        logp = torch.log_softmax(lg.float().masked_fill(~col_ok, _NEG), dim=-1)
+        logp = torch.log_softmax(lg.float().masked_fill(~col_ok, NEG_LOGIT), dim=-1)
         per_row = -(target * logp.masked_fill(~col_ok, 0.0)).sum(-1)  # (..., B)
         total = total + (per_row * rows).sum()
     count = rows.sum()
@@ -426,7 +426,7 @@ def grounding_loss(
     img = F.normalize(regions.float(), dim=-1) if normalize_features else regions.float()
     txt = F.normalize(organ_text.float(), dim=-1)
     logits = torch.einsum("brd,bkd->bkr", img, txt) * scale  # (B, K captions, R regions)
-    logits = logits.masked_fill(~ok.unsqueeze(1), _NEG)
+    logits = logits.masked_fill(~ok.unsqueeze(1), NEG_LOGIT)
     k = organ_text.shape[1]
     target = torch.arange(k, device=logits.device).expand(logits.shape[0], k)
     per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")

@@ -2,43 +2,46 @@
 
 ``L = w_w * L_SW + w_s * L_DS + w_g * L_GR``: shallow regions vs words, deep regions vs
 sentences (both through the GLoRIA-style local matching score Z), global image vs report.
+
+:class:`AFLocLoss` (an ``nn.Module``, MONAI-style) holds the temperatures, the level weights and
+the memory policy of Z on the instance; :func:`local_similarity`, :func:`global_similarity` and
+:func:`symmetric_infonce` are the functional pieces it is made of. Nothing here is module state:
+two losses with different policies can run side by side.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-_NEG = -1e4  # a large negative logit that stays finite in bf16/fp16
+if TYPE_CHECKING:
+    from afloc_engine.config import AFLocConfig
+    from afloc_engine.models import ImageFeatures, TextFeatures
 
+NEG_LOGIT = -1e4
+"""A large negative logit that stays finite in bf16/fp16 (masks a logit out of a softmax)."""
 
-# Memory policy of ``local_similarity`` under autograd. When the whole (B_img, B_txt, N, M) score
-# tensor holds at most ``_SAVE_ELEMENTS`` elements, autograd keeps the intermediates (fastest);
-# above that, or when a ``chunk_size`` is given, a custom autograd function keeps only the inputs and
-# recomputes one chunk of reports at a time in backward, each chunk holding about ``_CHUNK_ELEMENTS``.
-_SAVE_ELEMENTS = 1 << 30
-_CHUNK_ELEMENTS = 1 << 27
-_compiled_kernel = None
+# Memory policy of ``local_similarity`` under autograd (defaults; an AFLocLoss carries its own).
+# When the whole (B_img, B_txt, N, M) score tensor holds at most ``save_elements`` elements,
+# autograd keeps the intermediates (fastest); above that, or when a ``chunk_size`` is given, a
+# custom autograd function keeps only the inputs and recomputes one chunk of reports at a time in
+# backward, each chunk holding about ``chunk_elements`` elements.
+SAVE_ELEMENTS = 1 << 30
+"""Default: largest (B_img, B_txt, N, M) score tensor whose intermediates autograd keeps."""
+CHUNK_ELEMENTS = 1 << 27
+"""Default: elements of one (B_img, chunk, N, M) score tensor when chunking automatically."""
 
-
-def set_chunk_elements(elements: int) -> None:
-    """Memory budget of the automatic chunking: elements of one (B_img, chunk, N, M) score tensor."""
-    global _CHUNK_ELEMENTS
-    _CHUNK_ELEMENTS = max(1, int(elements))
-
-
-def set_save_elements(elements: int) -> None:
-    """Largest (B_img, B_txt, N, M) score tensor whose intermediates autograd keeps (0: always recompute)."""
-    global _SAVE_ELEMENTS
-    _SAVE_ELEMENTS = max(0, int(elements))
+ZKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float, str], torch.Tensor]
+"""The Z kernel of one chunk: (regions, text, text_mask, tau1, tau2, aggregation) -> (B_img, T)."""
 
 
-def compile_local_similarity(enabled: bool = True) -> None:
-    """Use a ``torch.compile``-d kernel for Z (fuses the softmax, exponentials, casts and reductions)."""
-    global _compiled_kernel
-    _compiled_kernel = torch.compile(_local_similarity_chunk, dynamic=True) if enabled else None
+def at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least float32: half and bfloat16 are upcast, float32 and float64 stay."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def local_similarity(
@@ -49,6 +52,10 @@ def local_similarity(
     tau2: float = 5.0,
     aggregation: str = "sum",
     chunk_size: int | None = None,
+    *,
+    save_elements: int = SAVE_ELEMENTS,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    kernel: ZKernel | None = None,
 ) -> torch.Tensor:
     """Local matching score Z for every image-report pair.
 
@@ -60,8 +67,12 @@ def local_similarity(
         tau2: scale of the text-unit/context cosine inside the log-sum-exp.
         aggregation: ``sum`` -> Z = log sum_i exp(tau2 cos_i); ``mean`` -> log of the mean.
         chunk_size: reports processed at a time (bounds memory at B_img * chunk * N * M, recomputing
-            in backward); by default the whole batch at once when it fits ``set_save_elements``, else
-            chunks of about ``set_chunk_elements`` elements.
+            in backward); by default the whole batch at once when it fits ``save_elements``, else
+            chunks of about ``chunk_elements`` elements.
+        save_elements: largest (B_img, B_txt, N, M) score tensor computed in one piece (0: always chunk).
+        chunk_elements: elements of one automatic chunk's score tensor.
+        kernel: the Z kernel of one chunk (e.g. a ``torch.compile``-d one, see :class:`AFLocLoss`);
+            the eager kernel by default.
 
     Returns:
         (B_img, B_txt) matrix of Z. A report with no real unit gets Z = 0.
@@ -81,24 +92,20 @@ def local_similarity(
     b_txt, n = text.shape[:2]
     per_report = max(1, b_img * max(n, 1) * m)
     needs_grad = torch.is_grad_enabled() and (regions.requires_grad or text.requires_grad)
-    if not chunk_size and b_txt * per_report <= _SAVE_ELEMENTS:
-        return _kernel()(regions, text, text_mask, tau1, tau2, aggregation)
-    chunk = max(1, int(chunk_size)) if chunk_size else max(1, _CHUNK_ELEMENTS // per_report)
-    params = (tau1, tau2, aggregation, min(chunk, max(b_txt, 1)))
+    kernel = kernel or _local_similarity_chunk
+    if not chunk_size and b_txt * per_report <= save_elements:
+        return kernel(regions, text, text_mask, tau1, tau2, aggregation)
+    chunk = max(1, int(chunk_size)) if chunk_size else max(1, chunk_elements // per_report)
+    params = (tau1, tau2, aggregation, min(chunk, max(b_txt, 1)), kernel)
     if needs_grad:
         return _LocalSimilarity.apply(regions, text, text_mask, params)
     return _local_similarity_chunked(regions, text, text_mask, params)
 
 
-def _kernel():  # noqa: ANN202
-    return _compiled_kernel if _compiled_kernel is not None else _local_similarity_chunk
-
-
 def _local_similarity_chunked(
     regions: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, params: tuple
 ) -> torch.Tensor:
-    tau1, tau2, aggregation, chunk = params
-    kernel = _kernel()
+    tau1, tau2, aggregation, chunk, kernel = params
     parts = [
         kernel(regions, text[i : i + chunk], text_mask[i : i + chunk], tau1, tau2, aggregation)
         for i in range(0, text.shape[0], chunk)
@@ -127,9 +134,8 @@ class _LocalSimilarity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z):  # noqa: ANN001, ANN205
         regions, text, text_mask = ctx.saved_tensors
-        tau1, tau2, aggregation, chunk = ctx.params
+        tau1, tau2, aggregation, chunk, kernel = ctx.params
         enabled, dtype, device_type = ctx.autocast
-        kernel = _kernel()
         need_r, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.float64 if regions.dtype == torch.float64 else torch.float32
         grad_regions = torch.zeros(regions.shape, dtype=acc, device=regions.device) if need_r else None
@@ -167,25 +173,21 @@ def _local_similarity_chunk(
     b, m, d = regions.shape
     t, n, _ = text.shape
     scores = (regions.reshape(b * m, d) @ text.reshape(t * n, d).t()).view(b, m, t, n)
-    s32 = _at_least_f32(scores)
-    p = torch.softmax(s32.masked_fill(~mask, _NEG), dim=3)  # over the text units (padding excluded)
+    s32 = at_least_f32(scores)
+    p = torch.softmax(s32.masked_fill(~mask, NEG_LOGIT), dim=3)  # over the text units (padding excluded)
     e = torch.exp(p * tau1)  # un-normalised attention over regions
     norm = e.sum(dim=1)  # (B, T, N)
     dot = (e * s32).sum(dim=1) / norm  # <c_n, t_n>
     context = torch.bmm(e.to(regions.dtype).view(b, m, t * n).transpose(1, 2), regions)  # (B, T*N, D)
-    c_norm = _at_least_f32(context).norm(dim=-1).view(b, t, n) / norm
-    t_norm = _at_least_f32(text).norm(dim=-1)  # (T, N)
+    c_norm = at_least_f32(context).norm(dim=-1).view(b, t, n) / norm
+    t_norm = at_least_f32(text).norm(dim=-1)  # (T, N)
     cos = dot / (c_norm * t_norm).clamp_min(1e-8)
-    logits = (cos * tau2).masked_fill(~mask, _NEG)
+    logits = (cos * tau2).masked_fill(~mask, NEG_LOGIT)
     z = torch.logsumexp(logits, dim=2)  # (B, T)
     counts = mask.sum(dim=1)
     if aggregation == "mean":
         z = z - torch.log(counts.clamp(min=1).to(z.dtype)).unsqueeze(0)
     return torch.where(counts.unsqueeze(0) > 0, z, torch.zeros_like(z))
-
-
-def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def global_similarity(image: torch.Tensor, report: torch.Tensor) -> torch.Tensor:
@@ -205,7 +207,7 @@ def symmetric_infonce(logits: torch.Tensor, targets: torch.Tensor | None = None)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
     if targets.dtype == torch.bool:
         exclude = targets & ~torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
-        masked = _at_least_f32(logits).masked_fill(exclude, _NEG)
+        masked = at_least_f32(logits).masked_fill(exclude, NEG_LOGIT)
         return 0.5 * (F.cross_entropy(masked, labels) + F.cross_entropy(masked.t(), labels))
     return 0.5 * (
         F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets.t() / targets.t().sum(1, keepdim=True))
@@ -219,6 +221,134 @@ class AFLocLosses(NamedTuple):
     word: torch.Tensor
     sentence: torch.Tensor
     global_: torch.Tensor
+
+
+class AFLocLoss(nn.Module):
+    """L_SW + L_DS + L_GR of a batch of B matched image-report pairs, its settings on the instance.
+
+    Args:
+        tau1: attention sharpening over regions (inside Z).
+        tau2: scale of the text-unit/context cosine inside Z's log-sum-exp.
+        tau3: logit scale of the three contrastive (InfoNCE) terms.
+        weights: (w_word, w_sentence, w_global), each >= 0; 0 switches a level off (its term is 0).
+        aggregation: how Z pools the text units: ``sum`` (reference) or ``mean``.
+        chunk_size: reports per chunk of Z (None: automatic, memory-bounded; see :func:`local_similarity`).
+        save_elements: largest score tensor whose intermediates autograd keeps (0: always recompute).
+        chunk_elements: elements of one automatic chunk of Z.
+        compile: use a ``torch.compile``-d Z kernel (fuses softmax, exponentials, casts, reductions).
+
+    Raises ``ValueError`` for an unknown aggregation or a negative weight. No parameters or
+    buffers: a module only so that the settings travel with the object (``repr`` shows them).
+    """
+
+    def __init__(
+        self,
+        tau1: float = 4.0,
+        tau2: float = 5.0,
+        tau3: float = 10.0,
+        weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        aggregation: str = "sum",
+        chunk_size: int | None = None,
+        save_elements: int = SAVE_ELEMENTS,
+        chunk_elements: int = CHUNK_ELEMENTS,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if aggregation not in ("sum", "mean"):
+            raise ValueError(f"aggregation must be 'sum' or 'mean', not {aggregation!r}")
+        if len(weights) != 3 or min(weights) < 0:
+            raise ValueError(f"weights must be three numbers >= 0 (word, sentence, global), not {weights!r}")
+        self.tau1, self.tau2, self.tau3 = float(tau1), float(tau2), float(tau3)
+        self.weights = tuple(float(w) for w in weights)
+        self.aggregation = aggregation
+        self.chunk_size = chunk_size
+        self.save_elements = max(0, int(save_elements))
+        self.chunk_elements = max(1, int(chunk_elements))
+        self.compiled = bool(compile)
+        self._kernel: ZKernel = (
+            torch.compile(_local_similarity_chunk, dynamic=True) if compile else _local_similarity_chunk
+        )
+
+    @classmethod
+    def from_config(cls, config: AFLocConfig, **policy: object) -> AFLocLoss:
+        """The loss of a model config (its temperatures, level weights and Z aggregation).
+
+        ``policy``: ``chunk_size``, ``save_elements``, ``chunk_elements``, ``compile``.
+        """
+        c = config
+        weights = (c.weight_word, c.weight_sentence, c.weight_global)
+        return cls(c.tau1, c.tau2, c.tau3, weights, c.z_aggregation, **policy)  # type: ignore[arg-type]
+
+    def extra_repr(self) -> str:
+        return (
+            f"tau=({self.tau1:g}, {self.tau2:g}, {self.tau3:g}), weights={self.weights}, "
+            f"aggregation={self.aggregation!r}, chunk_size={self.chunk_size}, "
+            f"save_elements={self.save_elements}, chunk_elements={self.chunk_elements}, compile={self.compiled}"
+        )
+
+    def similarity(self, regions: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Z of (B_img, M, D) regions against (B_txt, N, D) text units -> (B_img, B_txt), this loss's settings."""
+        return local_similarity(
+            regions,
+            text,
+            text_mask,
+            self.tau1,
+            self.tau2,
+            self.aggregation,
+            self.chunk_size,
+            save_elements=self.save_elements,
+            chunk_elements=self.chunk_elements,
+            kernel=self._kernel,
+        )
+
+    def forward(self, image: ImageFeatures, text: TextFeatures, targets: torch.Tensor | None = None) -> AFLocLosses:
+        """The loss of B matched pairs of encoder outputs (``ImageFeatures``, ``TextFeatures``).
+
+        ``targets``: optional (B, B) false-negative calibration: float soft targets or bool
+        not-a-negative pairs (see :func:`symmetric_infonce`); identity otherwise.
+        """
+        return self.compute(
+            image.shallow,
+            image.deep,
+            image.global_,
+            text.words,
+            text.word_mask,
+            text.sentences,
+            text.sentence_mask,
+            text.report,
+            targets,
+        )
+
+    def compute(
+        self,
+        shallow: torch.Tensor,
+        deep: torch.Tensor,
+        image_global: torch.Tensor,
+        words: torch.Tensor,
+        word_mask: torch.Tensor,
+        sentences: torch.Tensor,
+        sentence_mask: torch.Tensor,
+        report: torch.Tensor,
+        targets: torch.Tensor | None = None,
+    ) -> AFLocLosses:
+        """The loss from plain tensors.
+
+        shallow: (B, D, *grid) or (B, M_s, D); deep likewise; image_global (B, D); words (B, W, D),
+        word_mask (B, W) bool; sentences (B, S, D), sentence_mask (B, S); report (B, D).
+        """
+        w_word, w_sent, w_glob = self.weights
+        zero = image_global.new_zeros(())
+        loss_word = loss_sent = loss_glob = zero
+        if w_word > 0:
+            z = self.similarity(as_regions(shallow), words, word_mask)
+            loss_word = symmetric_infonce(z * self.tau3, targets)
+        if w_sent > 0:
+            z = self.similarity(as_regions(deep), sentences, sentence_mask)
+            loss_sent = symmetric_infonce(z * self.tau3, targets)
+        if w_glob > 0:
+            loss_glob = symmetric_infonce(global_similarity(image_global, report) * self.tau3, targets)
+        total = w_word * loss_word + w_sent * loss_sent + w_glob * loss_glob
+        return AFLocLosses(total, loss_word, loss_sent, loss_glob)
 
 
 def afloc_loss(
@@ -238,26 +368,9 @@ def afloc_loss(
     targets: torch.Tensor | None = None,
     chunk_size: int | None = None,
 ) -> AFLocLosses:
-    """L_SW + L_DS + L_GR for a batch of B matched image-report pairs.
-
-    shallow: (B, D, *grid) or (B, M_s, D); deep likewise; image_global (B, D); words (B, W, D),
-    word_mask (B, W); sentences (B, S, D), sentence_mask (B, S); report (B, D). ``targets``:
-    optional (B, B) false-negative calibration: float soft targets or bool not-a-negative pairs (see
-    :func:`symmetric_infonce`); identity otherwise.
-    """
-    w_word, w_sent, w_glob = weights
-    zero = image_global.new_zeros(())
-    loss_word = loss_sent = loss_glob = zero
-    if w_word > 0:
-        z = local_similarity(as_regions(shallow), words, word_mask, tau1, tau2, aggregation, chunk_size)
-        loss_word = symmetric_infonce(z * tau3, targets)
-    if w_sent > 0:
-        z = local_similarity(as_regions(deep), sentences, sentence_mask, tau1, tau2, aggregation, chunk_size)
-        loss_sent = symmetric_infonce(z * tau3, targets)
-    if w_glob > 0:
-        loss_glob = symmetric_infonce(global_similarity(image_global, report) * tau3, targets)
-    total = w_word * loss_word + w_sent * loss_sent + w_glob * loss_glob
-    return AFLocLosses(total, loss_word, loss_sent, loss_glob)
+    """Functional form of :class:`AFLocLoss` (default memory policy): see :meth:`AFLocLoss.compute`."""
+    loss = AFLocLoss(tau1, tau2, tau3, weights, aggregation, chunk_size)
+    return loss.compute(shallow, deep, image_global, words, word_mask, sentences, sentence_mask, report, targets)
 
 
 def as_regions(features: torch.Tensor) -> torch.Tensor:

@@ -128,14 +128,18 @@ class Bench:
         compile_,
         image_only=False,
         naive=False,
+        save_elements=None,
     ):
         from afloc_engine.config import AFLocConfig
+        from afloc_engine.losses import SAVE_ELEMENTS, AFLocLoss
         from afloc_engine.models import AFLocModel
         from afloc_engine.models.image_encoder import ImageEncoder
 
         torch.manual_seed(0)
         self.device, self.batch, self.image_only, self.naive = device, batch, image_only, naive
         self.config = AFLocConfig(image_size=image_size, encoder_input_size=encoder_input, text_model=text_folder)
+        policy = {"save_elements": SAVE_ELEMENTS if save_elements is None else save_elements, "compile": bool(compile_)}
+        self.loss_fn = AFLocLoss.from_config(self.config, **policy)  # the memory policy lives on the loss
         if image_only:
             self.model = ImageEncoder(self.config).to(device)
             self.image_encoder = self.model
@@ -152,10 +156,7 @@ class Bench:
         g = torch.Generator().manual_seed(0)
         self.images = torch.randn(batch, 1, image_size, image_size, generator=g).to(device, memory_format=fmt)
         if compile_:
-            from afloc_engine.losses import compile_local_similarity
-
             self.image_encoder.compile()
-            compile_local_similarity(True)
             if compile_ == "text" and not image_only:  # the small text transformer is launch-bound in eager
                 self.model.text_encoder.transformer.compile(dynamic=True)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -169,12 +170,16 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
     def loss(self, img, txt, timer=None):
-        from afloc_engine.losses import as_regions, global_similarity, local_similarity, symmetric_infonce
+        from afloc_engine.losses import as_regions, global_similarity, symmetric_infonce
 
         c = self.config
         if not self.naive and timer is None:
-            return self.model.loss(img, txt).total
-        z_fn = naive_local_similarity if self.naive else local_similarity
+            return self.loss_fn(img, txt).total
+
+        def own_z(regions, text, mask, tau1, tau2):
+            return self.loss_fn.similarity(regions, text, mask)
+
+        z_fn = naive_local_similarity if self.naive else own_z
         lap = timer or (lambda name: None)
         z = z_fn(as_regions(img.shallow), txt.words, txt.word_mask, c.tau1, c.tau2)
         word = symmetric_infonce(z.float() * c.tau3)
@@ -254,15 +259,13 @@ def measure(name, device, batch, args, text_folder, results, **kw):
     encoder_input = None if "native" in name else 299
     bench = None
     row = {"device": device.type, "variant": name, "batch": batch, "encoder_px": encoder_input or args.image_size}
-    from afloc_engine import losses
-
-    saved_policy = losses._SAVE_ELEMENTS
+    save_elements = None
     if device.type == "cuda":  # as the trainer does: keep the local losses' intermediates when they fit
-        from training.trainer import keep_local_loss_intermediates
+        from training.trainer import local_loss_save_elements
 
-        keep_local_loss_intermediates(device)
+        save_elements = local_loss_save_elements(device)
     if "lean" in kw:  # force (True) or forbid (False) the recompute-in-backward path of the local losses
-        losses.set_save_elements(0 if kw["lean"] else 1 << 34)
+        save_elements = 0 if kw["lean"] else 1 << 34
     try:
         bench = Bench(
             device,
@@ -275,6 +278,7 @@ def measure(name, device, batch, args, text_folder, results, **kw):
             compile_=kw.get("compile_", False),
             image_only=kw.get("image_only", False),
             naive=kw.get("naive", False),
+            save_elements=save_elements,
         )
         steps = args.steps if device.type == "cuda" else args.cpu_steps
         warmup = (args.warmup + (8 if kw.get("compile_") else 0)) if device.type == "cuda" else 1
@@ -287,8 +291,6 @@ def measure(name, device, batch, args, text_folder, results, **kw):
         row["error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
     finally:
         bench = None
-        losses.set_save_elements(saved_policy)
-        losses.compile_local_similarity(False)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     results.append(row)

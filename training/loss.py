@@ -1,11 +1,12 @@
 """The training loss: the engine's AFLoc losses with negatives spanning the global batch.
 
-One process with no extra negatives calls :func:`afloc_engine.losses.afloc_loss` itself. Under
-DDP (or with text-only negatives) each rank computes the rows of the global score matrices that
-belong to its images (image -> report) and the columns that belong to its reports (report ->
-image), with the engine's :func:`local_similarity` and :func:`global_similarity` against features
-gathered from every rank. The ranks' parts sum to the loss of the whole global batch, and the
-gradient of any rank's part reaches the features of every rank through the gather.
+One process with no extra negatives calls the engine's :class:`afloc_engine.losses.AFLocLoss`
+itself. Under DDP (or with text-only negatives) each rank computes the rows of the global score
+matrices that belong to its images (image -> report) and the columns that belong to its reports
+(report -> image), with the loss's Z (:meth:`AFLocLoss.similarity`, its memory policy) and the
+engine's :func:`global_similarity` against features gathered from every rank. The ranks' parts
+sum to the loss of the whole global batch, and the gradient of any rank's part reaches the
+features of every rank through the gather.
 """
 
 from __future__ import annotations
@@ -13,38 +14,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from afloc_engine.config import AFLocConfig
-from afloc_engine.losses import _NEG, AFLocLosses, as_regions, global_similarity, local_similarity
+from afloc_engine.losses import NEG_LOGIT, AFLocLoss, AFLocLosses, as_regions, at_least_f32, global_similarity
 from afloc_engine.models import ImageFeatures, TextFeatures
-from afloc_engine.models.afloc import features_loss
 from training.distributed import DistInfo, gather, max_across
 
 
 def training_loss(
     image: ImageFeatures,
     text: TextFeatures,
-    config: AFLocConfig,
+    loss: AFLocLoss,
     dist_info: DistInfo | None = None,
     targets: torch.Tensor | None = None,
     extra_text: TextFeatures | None = None,
-    chunk_size: int | None = None,
 ) -> AFLocLosses:
     """This rank's share of the AFLoc loss of the global batch (the shares of all ranks sum to it).
 
-    image / text: features of this rank's b matched pairs. targets: optional (B, B) soft targets
+    image / text: features of this rank's b matched pairs. loss: the AFLoc loss (temperatures, level
+    weights, memory policy; ``AFLocLoss.from_config(model_config, ...)``). targets: optional (B, B) soft targets
     (float) or not-a-negative pairs (bool, masked negatives) of the global batch (B = world * b),
     rows image, columns report. extra_text: E text-only reports
     that join the image -> report side as negatives only.
     """
     info = dist_info or DistInfo()
     if not info.enabled and extra_text is None:
-        return features_loss(image, text, config, targets, chunk_size)
-    return _sharded_loss(image, text, config, info, targets, extra_text, chunk_size)
-
-
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    """At least float32 (bf16 logits are upcast; float64 stays)."""
-    return x if x.dtype == torch.float64 else x.float()
+        return loss(image, text, targets)
+    return _sharded_loss(image, text, loss, info, targets, extra_text)
 
 
 def _pad_units(x: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,11 +52,10 @@ def _pad_units(x: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tenso
 def _sharded_loss(
     image: ImageFeatures,
     text: TextFeatures,
-    c: AFLocConfig,
+    loss: AFLocLoss,
     info: DistInfo,
     targets: torch.Tensor | None,
     extra: TextFeatures | None,
-    chunk: int | None,
 ) -> AFLocLosses:
     b = image.global_.shape[0]
     total_b = b * info.world
@@ -70,12 +63,12 @@ def _sharded_loss(
     device = image.global_.device
     if targets is not None and targets.shape != (total_b, total_b):
         raise ValueError(f"targets must be ({total_b}, {total_b}) for the global batch, not {tuple(targets.shape)}")
-    zero = _f32(image.global_.new_zeros(()))
+    zero = at_least_f32(image.global_.new_zeros(()))
     parts = {"word": zero, "sentence": zero, "global": zero}
 
     def share(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """rows: (b, B [+E]) logits of this rank's images; cols: (b, B) logits of this rank's reports."""
-        rows, cols = _f32(rows) * c.tau3, _f32(cols) * c.tau3
+        rows, cols = at_least_f32(rows) * loss.tau3, at_least_f32(cols) * loss.tau3
         labels = torch.arange(offset, offset + b, device=device)
         if targets is None:
             i2t = F.cross_entropy(rows, labels, reduction="sum")
@@ -84,8 +77,8 @@ def _sharded_loss(
             own = F.one_hot(labels, total_b).bool()
             ex_rows = F.pad(targets[offset : offset + b] & ~own, (0, rows.shape[1] - total_b), value=False)
             ex_cols = targets.t()[offset : offset + b] & ~own
-            i2t = F.cross_entropy(rows.masked_fill(ex_rows, _NEG), labels, reduction="sum")
-            t2i = F.cross_entropy(cols.masked_fill(ex_cols, _NEG), labels, reduction="sum")
+            i2t = F.cross_entropy(rows.masked_fill(ex_rows, NEG_LOGIT), labels, reduction="sum")
+            t2i = F.cross_entropy(cols.masked_fill(ex_cols, NEG_LOGIT), labels, reduction="sum")
         else:
             t_rows = targets[offset : offset + b].to(rows.dtype)
             t_rows = F.pad(t_rows, (0, rows.shape[1] - total_b))
@@ -95,9 +88,10 @@ def _sharded_loss(
             t2i = F.cross_entropy(cols, t_cols, reduction="sum")
         return (i2t + t2i) / (2 * total_b)
 
+    w_word, w_sentence, w_global = loss.weights
     levels = (
-        ("word", c.weight_word, image.shallow, text.words, text.word_mask),
-        ("sentence", c.weight_sentence, image.deep, text.sentences, text.sentence_mask),
+        ("word", w_word, image.shallow, text.words, text.word_mask),
+        ("sentence", w_sentence, image.deep, text.sentences, text.sentence_mask),
     )
     for name, weight, feature_map, units, mask in levels:
         if weight <= 0:
@@ -106,21 +100,21 @@ def _sharded_loss(
         n = max_across(units.shape[1], info, device)
         units, mask = _pad_units(units, mask, n)
         all_regions, all_units, all_mask = gather(regions, info), gather(units, info), gather(mask, info)
-        rows = local_similarity(regions, all_units, all_mask, c.tau1, c.tau2, c.z_aggregation, chunk)
+        rows = loss.similarity(regions, all_units, all_mask)
         if extra is not None:
             e_units, e_mask = (
                 (extra.words, extra.word_mask) if name == "word" else (extra.sentences, extra.sentence_mask)
             )
-            e_rows = local_similarity(regions, e_units, e_mask, c.tau1, c.tau2, c.z_aggregation, chunk)
+            e_rows = loss.similarity(regions, e_units, e_mask)
             rows = torch.cat([rows, e_rows.to(rows.dtype)], dim=1)
-        cols = local_similarity(all_regions, units, mask, c.tau1, c.tau2, c.z_aggregation, chunk).t()
+        cols = loss.similarity(all_regions, units, mask).t()
         parts[name] = share(rows, cols)
-    if c.weight_global > 0:
+    if w_global > 0:
         all_image, all_report = gather(image.global_, info), gather(text.report, info)
         rows = global_similarity(image.global_, all_report)
         if extra is not None:
             rows = torch.cat([rows, global_similarity(image.global_, extra.report).to(rows.dtype)], dim=1)
         cols = global_similarity(text.report, all_image)
         parts["global"] = share(rows, cols)
-    total = c.weight_word * parts["word"] + c.weight_sentence * parts["sentence"] + c.weight_global * parts["global"]
+    total = w_word * parts["word"] + w_sentence * parts["sentence"] + w_global * parts["global"]
     return AFLocLosses(total, parts["word"], parts["sentence"], parts["global"])

@@ -39,7 +39,7 @@ from torch import nn
 from afloc_engine.checkpoint import ModelInfo, load_model_folder
 from afloc_engine.config import AFLocConfig
 from afloc_engine.errors import AFLocError, CheckpointError, ConfigError, DataError
-from afloc_engine.losses import AFLocLosses
+from afloc_engine.losses import SAVE_ELEMENTS, AFLocLoss, AFLocLosses
 from afloc_engine.models import AFLocModel, ImageFeatures, TextFeatures, TokenizedReports
 from afloc_engine.progress import Progress, emit
 from training import distributed as D
@@ -292,11 +292,12 @@ class Trainer:
             self.model.image_encoder.to(memory_format=torch.channels_last)
         if self.dist.enabled and self.device.type == "cuda" and c.runtime.sync_batchnorm and not c.freeze.batchnorm:
             self.model.image_encoder = nn.SyncBatchNorm.convert_sync_batchnorm(self.model.image_encoder)
+        save_elements = local_loss_save_elements(self.device) if self.device.type == "cuda" else SAVE_ELEMENTS
+        self.loss_fn = AFLocLoss.from_config(
+            mc, chunk_size=c.optim.loss_chunk, save_elements=save_elements, compile=c.runtime.compile
+        )
         if c.runtime.compile:
-            from afloc_engine.losses import compile_local_similarity
-
             self.model.image_encoder.compile()
-            compile_local_similarity(True)
         if c.runtime.compile_text:
             self.model.text_encoder.transformer.compile(dynamic=True)  # report lengths vary per batch
         net = _Net(self.model)
@@ -418,7 +419,6 @@ class Trainer:
         self.device = resolve_train_device(c.runtime.device, self.dist, c.source)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            keep_local_loss_intermediates(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = not c.runtime.deterministic
@@ -575,9 +575,7 @@ class Trainer:
         with no_sync:
             with self.autocast:
                 image, text, extra_text = self.net(images, tokens, extra)
-                losses = training_loss(
-                    image, text, self.model_config, self.dist, targets, extra_text, c.optim.loss_chunk
-                )
+                losses = training_loss(image, text, self.loss_fn, self.dist, targets, extra_text)
                 extras: dict[str, torch.Tensor] = {}
                 if self.extra_losses:
                     out = StepOutputs(image, text, batch, context, self.model, losses, self.dist)
@@ -630,15 +628,12 @@ class Trainer:
         D.barrier(self.dist)
 
 
-def keep_local_loss_intermediates(device: torch.device, bytes_per_element: int = 20) -> int:
-    """On a GPU, let autograd keep the local losses' intermediates when they fit in its memory (fast),
-    and recompute chunk by chunk in backward only beyond (memory-lean); returns the element budget."""
-    from afloc_engine.losses import set_save_elements
-
+def local_loss_save_elements(device: torch.device, bytes_per_element: int = 20) -> int:
+    """The ``save_elements`` of :class:`AFLocLoss` on a GPU: autograd keeps the local losses'
+    intermediates when they fit in its memory (fast), and recomputes chunk by chunk in backward only
+    beyond (memory-lean). Returns the element budget (GPU memory / ``bytes_per_element``)."""
     total = torch.cuda.get_device_properties(device).total_memory
-    budget = int(total // bytes_per_element)
-    set_save_elements(budget)
-    return budget
+    return int(total // bytes_per_element)
 
 
 def _auto_type(config: TrainConfig) -> str:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from afloc_engine.config import AFLocConfig
-from afloc_engine.losses import AFLocLosses, afloc_loss
+from afloc_engine.losses import AFLocLoss, AFLocLosses
 from afloc_engine.models.image_encoder import ImageEncoder, ImageFeatures
 from afloc_engine.models.text_encoder import TextEncoder, TextFeatures, TokenizedReports
 
@@ -50,23 +50,6 @@ def features_loss(
     targets: torch.Tensor | None = None,
     chunk_size: int | None = None,
 ) -> AFLocLosses:
-    """:func:`afloc_engine.losses.afloc_loss` of B matched pairs with ``config``'s temperatures, level
-    weights and Z aggregation. targets: optional (B, B) false-negative calibration."""
-    c = config
-    return afloc_loss(
-        image.shallow,
-        image.deep,
-        image.global_,
-        text.words,
-        text.word_mask,
-        text.sentences,
-        text.sentence_mask,
-        text.report,
-        tau1=c.tau1,
-        tau2=c.tau2,
-        tau3=c.tau3,
-        weights=(c.weight_word, c.weight_sentence, c.weight_global),
-        aggregation=c.z_aggregation,
-        targets=targets,
-        chunk_size=chunk_size,
-    )
+    """:class:`afloc_engine.losses.AFLocLoss` of B matched pairs with ``config``'s temperatures, level
+    weights and Z aggregation (default memory policy). targets: optional (B, B) false-negative calibration."""
+    return AFLocLoss.from_config(config, chunk_size=chunk_size)(image, text, targets)
