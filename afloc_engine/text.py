@@ -1,14 +1,15 @@
 """Report text into sentences and words, as the reference does, minus its one-word-drop quirk.
 
 Newlines become spaces; a report splits at numbered items ("1.", "2)") and at sentence ends
-('.', '?', '!', ';'); words are ``\\w+`` runs, lower-cased, ASCII only. Unlike the reference,
-one-word sentences are kept, so the prompt "pneumothorax" is not empty.
+('.', '?', '!', ';'); words are ``\\w+`` runs, lower-cased, ASCII only (accents dropped: é -> e).
+Unlike the reference, one-word sentences are kept, so the prompt "pneumothorax" is not empty.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import unicodedata
 
 _NUMBERED_ITEM = re.compile(r"(?:^|\s)\d+\s*[.)]\s+")
 _SENTENCE_END = re.compile(r"[.?!;]+(?=\s|$)")
@@ -22,7 +23,7 @@ def split_sentences(report: str) -> list[list[str]]:
     [['no', 'pneumothorax'], ['small', 'left', 'effusion']]
     """
     text = report.replace("\r", " ").replace("\n", " ")
-    text = text.encode("ascii", "ignore").decode()
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()  # é -> e
     sentences: list[list[str]] = []
     for item in _NUMBERED_ITEM.split(text):
         for sentence in _SENTENCE_END.split(item):
