@@ -140,32 +140,93 @@ def reference(bert_dir) -> dict[str, torch.Tensor]:
     return sd
 
 
-def write_lightning_ckpt(path: Path, state: dict[str, torch.Tensor], hyper_content: dict, marker: Path) -> Path:
-    """Save in the reference layout: 'state_dict' with keys under 'afloc.', and hyper_parameters pickled as an
-    ``omegaconf.dictconfig.DictConfig`` (a stand-in module, gone again at load) plus a hostile object."""
+def released_cfg(**changes: object) -> dict:
+    """The reference's released training configuration (its ``config.yaml``, the parts a checkpoint's
+    ``hyper_parameters`` carry), with dotted-key ``changes`` (e.g. ``{"data.text.word_num": 80}``)."""
+    cfg = {
+        "experiment_name": "AFLoc_pretrain",
+        "phase": "pretrain",
+        "lightning": {"trainer": {"max_epochs": 5, "gradient_clip_val": 0.25, "lr": 2e-5, "precision": 16}},
+        "model": {
+            "norm": False,
+            "afloc": {
+                "temp1": 4.0,
+                "temp2": 5.0,
+                "temp3": 10.0,
+                "use_global_report_loss": True,
+                "global_report_loss_weight": 1.0,
+                "use_local_sent_loss": True,
+                "local_sent_loss_weight": 1.0,
+                "use_local_word_loss": True,
+                "local_word_loss_weight": 1.0,
+            },
+            "vision": {"model_name": "resnet_50", "freeze_cnn": False, "pretrained": True},
+            "text": {
+                "bert_type": "emilyalsentzer/Bio_ClinicalBERT",
+                "last_n_layers": 4,
+                "aggregate_method": "sum",
+                "norm": False,
+                "embedding_dim": 768,
+                "freeze_bert": False,
+                "agg_tokens": True,
+                "take_sent_as_units": True,
+            },
+        },
+        "data": {"dataset": ["mimic"], "text": {"word_num": 97, "captions_per_image": 5}, "image": {"imsize": 256}},
+        "transforms": {"norm": "half", "center_crop": {"crop_size": 224}, "random_crop": {"crop_size": 224}},
+        "train": {"batch_size": 128, "optimizer": {"name": "Adam", "weight_decay": 1e-6}},
+    }
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return cfg
 
-    def init(self, content: dict) -> None:
-        self._content = content
 
-    dict_config = type("DictConfig", (), {"__module__": "omegaconf.dictconfig", "__init__": init})
-    package, module = types.ModuleType("omegaconf"), types.ModuleType("omegaconf.dictconfig")
-    module.DictConfig = dict_config
-    package.dictconfig = module
+def write_lightning_ckpt(path: Path, state: dict[str, torch.Tensor], cfg: dict, marker: Path) -> Path:
+    """Save in the reference layout (Lightning 1.1.4): 'state_dict' with keys under 'afloc.', and
+    'hyper_parameters' pickled as OmegaConf does (a ``DictConfig`` whose ``_content`` holds child
+    ``DictConfig``s and ``AnyNode`` leaves with ``_val``; stand-in modules, gone again at load), with a
+    hostile object inside the configuration."""
+    made = {}
+    for module, name in (("omegaconf.dictconfig", "DictConfig"), ("omegaconf.nodes", "AnyNode")):
+        made[name] = type(name, (), {"__module__": module})
+    modules = {m: types.ModuleType(m) for m in ("omegaconf", "omegaconf.dictconfig", "omegaconf.nodes")}
+    modules["omegaconf.dictconfig"].DictConfig = made["DictConfig"]
+    modules["omegaconf.nodes"].AnyNode = made["AnyNode"]
+
+    def wrap(value: object) -> object:
+        if isinstance(value, dict):
+            node = made["DictConfig"]()
+            node.__dict__.update(_metadata=None, _parent=None, _content={k: wrap(v) for k, v in value.items()})
+            return node
+        if isinstance(value, Hostile):
+            return value
+        leaf = made["AnyNode"]()
+        leaf.__dict__.update(_val=value, _metadata=None, _parent=None)
+        return leaf
+
     assert "omegaconf" not in sys.modules
-    sys.modules.update({"omegaconf": package, "omegaconf.dictconfig": module})
+    sys.modules.update(modules)
     try:
         torch.save(
             {
                 "epoch": 5,
                 "global_step": 8600,
                 "pytorch-lightning_version": "1.1.4",
+                "callbacks": {},
+                "optimizer_states": [],
+                "lr_schedulers": [],
                 "state_dict": {f"afloc.{k}": v for k, v in state.items()},
-                "hyper_parameters": {"cfg": dict_config(hyper_content), "hostile": Hostile(marker)},
+                "hyper_parameters": wrap({**cfg, "hostile": Hostile(marker)}),
             },
             path,
         )
     finally:
-        del sys.modules["omegaconf"], sys.modules["omegaconf.dictconfig"]
+        for m in modules:
+            del sys.modules[m]
     return path
 
 
@@ -176,7 +237,8 @@ def converted(tmp_path_factory, reference, bert_dir) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("conv")
     marker = root / "PWNED"
-    ckpt = write_lightning_ckpt(root / "afloc.ckpt", reference, {"lr": 2e-5, "batch_size": 128}, marker)
+    cfg = released_cfg(**{"model.text.embedding_dim": D, "data.text.word_num": 40, "model.afloc.temp3": 7.0})
+    ckpt = write_lightning_ckpt(root / "afloc.ckpt", reference, cfg, marker)
     with pytest.raises(pickle.UnpicklingError):  # plain weights-only load refuses it: the fallback is exercised
         torch.load(ckpt, weights_only=True)
     out = root / "model"
@@ -192,7 +254,12 @@ def test_converted_model_matches_reference_computation(converted, reference, ber
     assert not marker.exists(), "converting must never run code from the checkpoint"
     config, info = read_config(folder)
     assert config.backbone == "resnet50" and config.embed_dim == D and config.in_channels == 1
-    assert config.text_model == str(bert_dir.resolve()) and info.text_weights == "checkpoint" and info.trained
+    assert config.text_model == "text_model" and info.text_weights == "checkpoint" and info.trained
+    assert str(bert_dir) not in (folder / "config.json").read_text(), "no absolute path to the text model"
+    # settings from hyper_parameters, not the fallbacks; inference is the reference's
+    assert (config.text_max_length, config.tau3, config.tau1, config.text_last_layers) == (40, 7.0, 4.0, 4)
+    assert config.inference_mode == "reference" and config.similarity == "dot" and config.encoder_align_corners
+    assert info.extra["reference_bert_type"] == "emilyalsentzer/Bio_ClinicalBERT"
     assert "omegaconf.dictconfig.DictConfig" in info.extra["not_loaded"]
     assert "posix.system" in info.extra["not_loaded"] or "os.system" in info.extra["not_loaded"]
 
@@ -218,18 +285,21 @@ def test_converted_model_matches_reference_computation(converted, reference, ber
     assert torch.equal(state["text_encoder.projection.weight"], torch.eye(D))
     assert torch.equal(state["text_encoder.projection.bias"], torch.zeros(D))
 
-    # image features equal the hand-written torchvision-layout forward on the RGB copy of a grey image
+    # image features equal the hand-written torchvision-layout forward on the RGB copy of a grey image,
+    # upsampled to 299 px with align_corners=True as the reference's nn.Upsample
     gen = torch.Generator().manual_seed(3)
-    grey = torch.rand(1, 1, 299, 299, generator=gen) * 2 - 1
+    grey = torch.rand(1, 1, 224, 224, generator=gen) * 2 - 1
     with torch.no_grad():
         feats = model.encode_images(grey)
-        ref_shallow, ref_deep, ref_global = reference_image_features(grey.repeat(1, 3, 1, 1), reference)
+        up = F.interpolate(grey.repeat(1, 3, 1, 1), size=(299, 299), mode="bilinear", align_corners=True)
+        ref_shallow, ref_deep, ref_global = reference_image_features(up, reference)
     assert feats.deep.shape == (1, D, 19, 19) and feats.shallow.shape == (1, D, 38, 38)
     for ours, theirs in ((feats.shallow, ref_shallow), (feats.deep, ref_deep), (feats.global_, ref_global)):
         scale = theirs.abs().max().item()
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * scale)
 
-    # report features equal BERT run directly on the checkpoint's weights (last 4 layers summed, mean over words)
+    # report features equal BERT run directly on the checkpoint's weights: last 4 layers summed, the sum over
+    # every real token ([CLS] and [SEP] included) divided by the token length (the reference's mean over slots)
     from transformers import BertModel
 
     bert = BertModel.from_pretrained(bert_dir).eval()
@@ -242,8 +312,8 @@ def test_converted_model_matches_reference_computation(converted, reference, ber
         ours = model.text_encoder(tokens).report
         hidden = bert(tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True).hidden_states
     summed = torch.stack(hidden[-4:]).sum(0)[0]
-    words = tokens.word_index[0] >= 0
-    torch.testing.assert_close(ours[0], summed[words].mean(0), rtol=1e-5, atol=1e-5)
+    real = tokens.attention_mask[0].bool()
+    torch.testing.assert_close(ours[0], summed[real].sum(0) / 40, rtol=1e-5, atol=1e-5)
 
 
 def test_missing_wrong_and_unexpected_keys_are_named(reference, bert_dir, tmp_path):
@@ -291,18 +361,25 @@ def test_bad_checkpoint_files(tmp_path, capsys):
     empty = tmp_path / "empty.ckpt"
     empty.write_bytes(b"")
     garbage = tmp_path / "garbage.ckpt"
-    garbage.write_bytes(os.urandom(2000))
+    garbage.write_bytes(bytes(range(7, 256)) * 8)
+    text = tmp_path / "notes.ckpt"
+    text.write_text("this is not a checkpoint\n" * 50)
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"\x80\x02" + bytes(range(256)) * 4)
     no_state = tmp_path / "nostate.ckpt"
     torch.save({"epoch": 1, "optimizer_states": []}, no_state)
     for path, message in (
         (tmp_path / "missing.ckpt", "not found"),
         (empty, "empty"),
-        (garbage, "cannot read the checkpoint"),
+        (garbage, "not a PyTorch checkpoint"),
+        (text, "not a PyTorch checkpoint"),
+        (corrupt, "cannot read the checkpoint (corrupt, or not a PyTorch checkpoint)"),
         (no_state, "no 'state_dict'"),
     ):
         assert main(["convert-reference", str(path), str(out)]) == 2
         err = capsys.readouterr().err
         assert message in err and str(path) in err, err
+        assert "pop from empty list" not in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists() and not list(tmp_path.glob(".out.*")), "nothing partial is written"
 
 

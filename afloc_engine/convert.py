@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import shutil
 import types
 import zipfile
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from typing import Any
 
 import torch
 
-from afloc_engine.config import AFLocConfig
+from afloc_engine.config import REFERENCE_INFERENCE, AFLocConfig
 from afloc_engine.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ PROJECTIONS = {
 }
 RESNET_LAYOUTS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152, (3, 24, 36, 3): 200}
 """Bottleneck blocks per stage -> ResNet depth (torchvision / MONAI agree)."""
+UNUSED_AT_INFERENCE = {"img_encoder.local_f_embedder.weight": "use_ce_loss's projection of layer4 (training only)"}
+"""Reference tensors a variant adds that inference never uses: dropped, and named in the model's meta."""
 IGNORED_SUFFIXES = ("num_batches_tracked",)
 IGNORED_KEYS = {"text_encoder.model.embeddings.position_ids", "text_encoder.model.embeddings.token_type_ids"}
 
@@ -65,12 +68,16 @@ class ReferenceCheckpoint:
     """The tensors of a reference checkpoint (keys after their last ``afloc.``) and what was skipped.
 
     state: name -> tensor; placeholders: globals of the file that were replaced by inert
-    placeholders (not loaded); extra: top-level entries other than ``state_dict`` (epoch, ...).
+    placeholders (not loaded); extra: plain top-level entries other than ``state_dict`` (epoch, ...);
+    hyper: the training configuration (``hyper_parameters``) as plain dicts, lists and values.
     """
 
     state: dict[str, torch.Tensor]
     placeholders: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    hyper: dict[str, Any] = field(default_factory=dict)
+    """``hyper_parameters`` as plain values (OmegaConf containers unwrapped from their pickled state;
+    anything else that is not a plain value becomes None). Empty when the file has none."""
 
 
 # --- reading the file without running code from it --------------------------------------------------
@@ -145,6 +152,7 @@ def load_reference_checkpoint(path: str | Path) -> ReferenceCheckpoint:
         raise CheckpointError("checkpoint file is empty (0 bytes)", path)
     if _is_torchscript(path):
         raise CheckpointError("this is a TorchScript archive, not a Lightning checkpoint", path)
+    _check_torch_file(path)
     placeholders: list[str] = []
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -155,7 +163,9 @@ def load_reference_checkpoint(path: str | Path) -> ReferenceCheckpoint:
                 path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module(placeholders)
             )
         except Exception as err:  # a corrupt pickle raises assorted types
-            raise CheckpointError(f"cannot read the checkpoint: {type(err).__name__}: {err}", path) from None
+            raise CheckpointError(
+                f"cannot read the checkpoint (corrupt, or not a PyTorch checkpoint): {type(err).__name__}: {err}", path
+            ) from None
     except RuntimeError as err:
         raise CheckpointError(f"cannot read the checkpoint (truncated or not a torch file?): {err}", path) from None
     except Exception as err:  # torch raises assorted types for broken files
@@ -176,7 +186,47 @@ def load_reference_checkpoint(path: str | Path) -> ReferenceCheckpoint:
             raise CheckpointError(f"two keys map to {short!r} (one is {key!r})", path)
         state[short] = value
     plain_extra = {k: v for k, v in extra.items() if isinstance(v, (int, float, str, bool))}
-    return ReferenceCheckpoint(state, placeholders, plain_extra)
+    hyper = _plain(obj.get("hyper_parameters")) if isinstance(obj, dict) and "state_dict" in obj else None
+    return ReferenceCheckpoint(state, placeholders, plain_extra, hyper if isinstance(hyper, dict) else {})
+
+
+def _check_torch_file(path: Path) -> None:
+    """Refuse, in one line, a file that is neither torch's zip format nor a legacy pickle."""
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head.startswith(b"PK") or head[:1] == b"\x80":  # zip archive (torch >= 1.6) or pickle protocol >= 2
+        return
+    raise CheckpointError(
+        f"not a PyTorch checkpoint (starts with bytes {head.hex()}; expected a zip archive or a pickle)", path
+    )
+
+
+def _plain(value: Any, depth: int = 0) -> Any:  # noqa: ANN401
+    """A pickled configuration as plain Python: dicts, lists, str/int/float/bool/None.
+
+    OmegaConf containers and nodes were read as inert placeholders holding their pickled state:
+    a ``DictConfig``/``ListConfig`` keeps its children in ``_content``, a value node its value in
+    ``_val``. Any other placeholder (never executed) becomes None.
+    """
+    if depth > 50:
+        return None
+    if isinstance(value, _Inert):
+        state = value.state
+        if isinstance(state, tuple) and state and isinstance(state[0], dict):  # (state, slotstate)
+            state = state[0]
+        if not isinstance(state, dict):
+            state = {}
+        for key in ("_content", "_val"):
+            if key in state:
+                return _plain(state[key], depth + 1)
+        return None
+    if isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return None
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -187,11 +237,112 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+# --- settings from hyper_parameters ----------------------------------------------------------------
+FALLBACK_SETTINGS: dict[str, Any] = {
+    "text_max_length": 97,
+    "text_last_layers": 4,
+    "text_layer_pooling": "sum",
+    "tau1": 4.0,
+    "tau2": 5.0,
+    "tau3": 10.0,
+    "weight_word": 1.0,
+    "weight_sentence": 1.0,
+    "weight_global": 1.0,
+    "intensity_mean": 0.5,
+    "intensity_std": 0.5,
+}
+"""The reference's released configuration (``config.yaml``), used where a checkpoint has no ``hyper_parameters``."""
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:  # noqa: ANN401
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def reference_settings(hyper: dict[str, Any], source: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Engine settings from the reference's ``hyper_parameters`` (its OmegaConf ``cfg``), fallbacks otherwise.
+
+    Returns (AFLocConfig changes, notes for the model's meta: the reference values read, e.g. its
+    ``bert_type``). Raises :class:`CheckpointError` with one sentence for each variant whose
+    inference the engine does not reproduce (text pooling other than the released one, normalised
+    embeddings, a DenseNet image encoder, ImageNet normalisation, ...).
+    """
+    changes = dict(FALLBACK_SETTINGS)
+    notes: dict[str, Any] = {}
+
+    def refuse(setting: str, value: Any, why: str) -> None:  # noqa: ANN401
+        message = f"hyper_parameters {setting} = {value!r}: {why}; the converter cannot reproduce it"
+        raise CheckpointError(message, source)
+
+    phase = _get(hyper, "phase")
+    if phase is not None and str(phase).lower() != "pretrain":
+        refuse("phase", phase, "only the reference's pre-training model (phase 'pretrain') is an AFLoc model")
+    name = _get(hyper, "model.vision.model_name")
+    if name is not None:
+        notes["model_name"] = name
+        if not str(name).replace("_", "").lower().startswith("resnet"):
+            refuse("model.vision.model_name", name, "only ResNet image encoders are supported")
+    layers = _get(hyper, "model.text.last_n_layers")
+    if layers is not None:
+        if not isinstance(layers, int) or layers < 2:
+            refuse("model.text.last_n_layers", layers, "with one layer the reference uses BERT's pooler output")
+        changes["text_last_layers"] = layers
+    aggregate = _get(hyper, "model.text.aggregate_method")
+    if aggregate is not None and aggregate != "sum":
+        refuse("model.text.aggregate_method", aggregate, "only 'sum' (pieces and layers summed) is supported")
+    if _get(hyper, "model.text.agg_tokens") is False:
+        refuse("model.text.agg_tokens", False, "the report embedding then averages the padding tokens' states")
+    for key in ("model.text.norm", "model.norm"):
+        if _get(hyper, key) is True:
+            refuse(key, True, "L2-normalised text embeddings are not supported")
+    word_num = _get(hyper, "data.text.word_num")
+    if word_num is not None:
+        if not isinstance(word_num, int) or word_num < 4:
+            refuse("data.text.word_num", word_num, "the token length must be an integer >= 4")
+        changes["text_max_length"] = word_num
+    for i in (1, 2, 3):
+        temp = _get(hyper, f"model.afloc.temp{i}")
+        if temp is not None:
+            if not isinstance(temp, (int, float)) or isinstance(temp, bool) or not temp > 0:
+                refuse(f"model.afloc.temp{i}", temp, "a temperature must be a positive number")
+            changes[f"tau{i}"] = float(temp)
+    for level, flag in (("word", "local_word"), ("sentence", "local_sent"), ("global", "global_report")):
+        weight = _get(hyper, f"model.afloc.{flag}_loss_weight")
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0:
+            changes[f"weight_{level}"] = float(weight)
+        if _get(hyper, f"model.afloc.use_{flag}_loss") is False:
+            changes[f"weight_{level}"] = 0.0
+    norm = _get(hyper, "transforms.norm")
+    if isinstance(_get(hyper, "transforms"), dict) and "norm" in hyper["transforms"]:
+        if norm is None:
+            changes["intensity_mean"], changes["intensity_std"] = 0.0, 1.0
+        elif norm != "half":
+            refuse("transforms.norm", norm, "only 'half' (mean = std = 0.5) or none is supported for grey input")
+    for key in ("model.text.bert_type", "model.afloc.use_ce_loss", "model.text.embedding_dim"):
+        value = _get(hyper, key)
+        if value is not None:
+            notes[key.rsplit(".", 1)[-1]] = value
+    return changes, notes
+
+
 # --- mapping ----------------------------------------------------------------------------------------
 def infer_reference_config(
-    state: dict[str, torch.Tensor], text_model: str | Path | None, in_channels: int, source: Path
+    state: dict[str, torch.Tensor],
+    text_model: str | Path | None,
+    in_channels: int,
+    source: Path,
+    hyper: dict[str, Any] | None = None,
 ) -> AFLocConfig:
-    """The engine configuration matching a reference state dict (ResNet depth, D, text model)."""
+    """The engine configuration matching a reference state dict (ResNet depth, D, text model).
+
+    Settings come from ``hyper`` (the checkpoint's ``hyper_parameters``, see
+    :func:`reference_settings`) where present, the released configuration otherwise; inference
+    follows the reference (:data:`afloc_engine.config.REFERENCE_INFERENCE`).
+    """
     blocks = []
     for stage in range(1, 5):
         prefix = f"{BACKBONE}layer{stage}."
@@ -206,7 +357,8 @@ def infer_reference_config(
         )
     for engine_key, ref_key in PROJECTIONS.items():
         if ref_key not in state:
-            raise CheckpointError(f"missing key {ref_key!r} (needed for {engine_key!r})", source)
+            why = " (trained with use_local_word_loss off? no shallow projection)" if "local2" in ref_key else ""
+            raise CheckpointError(f"missing key {ref_key!r} (needed for {engine_key!r}){why}", source)
     dims = {state[k].shape[0] for k in PROJECTIONS.values() if k.endswith("weight")}
     if len(dims) != 1:
         raise CheckpointError(f"the three image embedders project to different widths {sorted(dims)}", source)
@@ -221,6 +373,7 @@ def infer_reference_config(
             "the reference has no text projection, so they must agree",
             source,
         )
+    settings, _ = reference_settings(hyper or {}, source)
     changes: dict[str, Any] = dict(
         backbone=f"resnet{depth}",
         in_channels=in_channels,
@@ -228,14 +381,8 @@ def infer_reference_config(
         image_size=224,
         encoder_input_size=299,
         conv1_stride=2,
-        text_max_length=97,
-        text_last_layers=4,
-        text_layer_pooling="sum",
-        tau1=4.0,
-        tau2=5.0,
-        tau3=10.0,
-        intensity_mean=0.5,
-        intensity_std=0.5,
+        **settings,
+        **REFERENCE_INFERENCE,
     )
     if text_model is not None:
         changes["text_model"] = str(Path(text_model).expanduser().resolve())
@@ -299,12 +446,17 @@ def map_reference_state(
         and k not in IGNORED_KEYS
         and not k.endswith(IGNORED_SUFFIXES)
         and not k.startswith(f"{BACKBONE}fc.")
+        and k not in UNUSED_AT_INFERENCE
     )
     if leftover:
         raise CheckpointError(
             f"unexpected key {leftover[0]!r} ({len(leftover)} not part of the reference AFLoc layout)", source
         )
     return out
+
+
+TEXT_MODEL_FOLDER = "text_model"
+"""Where the converted folder keeps its own copy of the text model (recorded relative in config.json)."""
 
 
 def convert_reference(
@@ -319,25 +471,40 @@ def convert_reference(
 ) -> Path:
     """Convert a reference AFLoc checkpoint into the engine model folder ``out``; returns ``out``.
 
+    ``out`` is self-contained: ``config.json`` (settings from the checkpoint's ``hyper_parameters``,
+    inference ``reference``), ``model.safetensors`` (every weight, the text transformer's included)
+    and ``text_model/`` (the text model's tokenizer files, its ``config.json`` and the checkpoint's
+    transformer weights as ``model.safetensors``), recorded as the relative path ``text_model``,
+    so the folder still loads after it is moved. Written to a temporary folder renamed into place.
+
     Args:
         checkpoint: the Lightning ``.ckpt`` (or a bare state dict) of the reference code.
-        out: the model folder to write (``config.json`` + ``model.safetensors``, written atomically).
-        text_model: a Hugging Face BERT folder giving the tokenizer and architecture of the
-            reference text encoder (e.g. Bio_ClinicalBERT); its own weights are replaced by the
-            checkpoint's. Default: the engine's default text model (fits only if the shapes agree).
+        out: the model folder to write.
+        text_model: a Hugging Face folder of the reference's text encoder (e.g. Bio_ClinicalBERT)
+            holding its tokenizer (``tokenizer.json``, or ``vocab.txt`` + ``tokenizer_config.json``),
+            its ``config.json`` and weights (``model.safetensors`` or ``pytorch_model.bin``; they are
+            replaced by the checkpoint's, but transformers needs them to build the model).
+            Default: the engine's default text model (fits only if the shapes agree).
         in_channels: 1 (grey, the stem's RGB kernels summed) or 3.
-        dtype: store floating tensors in this dtype (e.g. ``torch.float16``); default as stored.
+        dtype: store floating tensors of ``model.safetensors`` in this dtype (e.g. ``torch.float16``).
+
+    Raises :class:`CheckpointError` (one line naming the file) for unreadable or foreign files,
+    missing, unexpected or mis-shaped tensors and unsupported ``hyper_parameters`` variants.
     """
-    from afloc_engine.checkpoint import ModelInfo, apply_state, save_model, sha256_file
+    from afloc_engine.checkpoint import ModelInfo, apply_state, atomic_folder, commit_folder, save_model, sha256_file
     from afloc_engine.models import AFLocModel
 
     checkpoint = Path(checkpoint)
     ref = load_reference_checkpoint(checkpoint)
-    config = infer_reference_config(ref.state, text_model, in_channels, checkpoint)
+    _, notes = reference_settings(ref.hyper, checkpoint)
+    config = infer_reference_config(ref.state, text_model, in_channels, checkpoint, ref.hyper)
     model = AFLocModel(config, None if text_model is None else Path(text_model).expanduser())
     targets = {k: v for k, v in model.state_dict().items() if not k.endswith(IGNORED_SUFFIXES)}
     mapped = map_reference_state(ref.state, targets, checkpoint)
     apply_state(model, mapped, include_text=True, source=checkpoint)
+    dropped = sorted(k for k in UNUSED_AT_INFERENCE if k in ref.state)
+    source_text = str(model.text_encoder.model_dir)
+    model.config = config.replace(text_model=TEXT_MODEL_FOLDER)
     info = ModelInfo(
         name=name,
         version=version,
@@ -347,7 +514,23 @@ def convert_reference(
             "converted_from": checkpoint.name,
             "source_sha256": sha256_file(checkpoint),
             "not_loaded": ref.placeholders,
+            "dropped_unused": {k: UNUSED_AT_INFERENCE[k] for k in dropped},
+            "text_model_source": Path(source_text).name,
+            "hyper_parameters_read": bool(ref.hyper),
+            **{f"reference_{k}": v for k, v in notes.items()},
             **{f"reference_{k}": v for k, v in ref.extra.items()},
         },
     )
-    return save_model(model.eval(), out, info, include_text_transformer=True, dtype=dtype, overwrite=overwrite)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError("already exists; refusing to overwrite it (--overwrite replaces it)", out)
+    staging = atomic_folder(out)
+    try:
+        inner = save_model(model.eval(), staging / "model", info, include_text_transformer=True, dtype=dtype)
+        text_dir = inner / TEXT_MODEL_FOLDER
+        model.text_encoder.tokenizer.save_pretrained(str(text_dir))
+        model.text_encoder.transformer.save_pretrained(str(text_dir), safe_serialization=True)
+        commit_folder(inner, out, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -20,6 +20,7 @@ def describe(model_name: str, device: str) -> dict:
     import torch
 
     import afloc_engine
+    from afloc_engine.config import REFERENCE_INFERENCE
     from afloc_engine.inference import UNTRAINED_WARNING
     from afloc_engine.registry import resolve_model
 
@@ -51,6 +52,10 @@ def describe(model_name: str, device: str) -> dict:
         "embed_dim": c.embed_dim,
         "image_size": c.image_size,
         "similarity": c.similarity,
+        "inference_mode": c.inference_mode,
+        "inference_pieces": ", ".join(
+            f"{k}={getattr(c, k)}" for k in REFERENCE_INFERENCE if k not in ("inference_mode", "similarity")
+        ),
         "threshold": c.threshold,
         "device": str(model.device),
         "cuda_available": torch.cuda.is_available(),
