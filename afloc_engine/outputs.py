@@ -17,6 +17,7 @@ from afloc_engine.checkpoint import atomic_folder, commit_folder
 from afloc_engine.io import ImageData
 from afloc_engine.prompts import finding_of
 from afloc_engine.protocol import SEGMENT_COLORS, slug, unique_slugs  # noqa: F401 (slug: public here too)
+from afloc_engine.specificity import assess
 from afloc_engine.transforms import normalize_intensity
 
 
@@ -160,8 +161,17 @@ def write_results(
                     "heatmap": files["heatmaps"][p],
                     "segment": finding_of(p),
                     "mask_pixels": int(m.sum()),
+                    "specificity": spec.specificity,  # afloc_engine.specificity: 1 - mean r with the other maps
+                    "lung_correlation": spec.lung_correlation,
+                    "specificity_warning": spec.warning,
                 }
-                for p, n, prob, m in zip(result.prompts, result.negative_prompts, result.probabilities, result.masks)
+                for p, n, prob, m, spec in zip(
+                    result.prompts,
+                    result.negative_prompts,
+                    result.probabilities,
+                    result.masks,
+                    assess(result.heatmaps, result.prompts),
+                )
             ],
             "files": files,
             **({"adapter": adapter} if adapter else {}),

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from afloc_engine.io import ImageData
+from afloc_engine.specificity import PromptSpecificity
 
 
 @dataclass
@@ -35,6 +36,13 @@ class LocalizationResult:
     def with_threshold(self, threshold: float) -> LocalizationResult:
         """The same heatmaps thresholded anew (no network run); a result of the same type."""
         return dataclasses.replace(self, masks=self.heatmaps > threshold, threshold=float(threshold))
+
+    def specificity(self) -> list[PromptSpecificity]:
+        """Per prompt: how much its heatmap differs from the other prompts' and from a lung-field map,
+        and a warning where it is not specific (:func:`afloc_engine.specificity.assess`)."""
+        from afloc_engine.specificity import assess
+
+        return assess(self.heatmaps, self.prompts)
 
 
 @dataclass

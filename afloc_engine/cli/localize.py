@@ -133,6 +133,11 @@ def run(args: argparse.Namespace) -> int:
             else:
                 result = model.localize(image, prompts, args.threshold, similarity=args.similarity, adapter=adapter)
             out_dir = write_results(result, args.out / output_name(path, taken), extra, overlay=not args.no_overlay)
+            for spec in result.specificity():  # per prompt: afloc_engine.specificity (also in results.json)
+                score = "n/a (one prompt)" if spec.specificity is None else f"{spec.specificity:.2f}"
+                print(f'afloc localize: {path}: "{spec.prompt}": specificity {score}', file=sys.stderr)
+                if spec.warning:
+                    print(f"afloc localize: WARNING: {path}: {spec.warning}", file=sys.stderr)
             if args.dicom_seg and (image.meta.get("sop_instance_uid") or (path.is_dir() and image.is_volume)):
                 from afloc_engine.dicom_seg import write_dicom_seg
 

@@ -60,6 +60,7 @@ class _Loaded:
     image: ImageData
     targets: dict[str, np.ndarray]
     negatives: list[str]
+    present: list[str] = field(default_factory=list)  # positive by an image-level label (no region)
 
 
 @dataclass
@@ -165,9 +166,10 @@ def _read(sample: Sample, findings: list[str], skipped: list[Skip], min_mask_pix
             continue
         targets[f] = target
     negatives = [f for f in findings if f in sample.negatives]
-    if not targets and not negatives:
+    present = [f for f in findings if f in sample.labels and f not in targets]
+    if not targets and not negatives and not present:
         return None
-    return _Loaded(sample, image, targets, negatives)
+    return _Loaded(sample, image, targets, negatives, present)
 
 
 def _check_prediction(pred: Predictor, out: Any, loaded: list[_Loaded], n_prompts: int) -> None:  # noqa: ANN401
@@ -262,6 +264,9 @@ def evaluate_localization(
     if not chosen:
         headline = "no requested finding is in the dataset"
         raise NothingEvaluatedError(nothing_evaluated_message(skipped, headline), dataset.root, skipped)
+    if not any(s.positives for s in dataset.samples) and baselines:
+        notes.append(f"baselines {', '.join(baselines)} left out: the dataset has image-level labels only")
+        baselines = ()
     predictors = _predictors(models, baselines, batch_size)
     if not predictors:
         raise ValueError("nothing to evaluate: give a model or at least one baseline")
@@ -314,7 +319,11 @@ def _run(
     classify = any(not p.prompt_independent for p in predictors)
     texts = list(dict.fromkeys(p.text for f in chosen for p in finding_prompts[f]))
     index = {t: i for i, t in enumerate(texts)}
-    samples = [s for s in dataset.samples if any(f in s.positives or (classify and f in s.negatives) for f in chosen)]
+    samples = [
+        s
+        for s in dataset.samples
+        if any(f in s.positives or (classify and (f in s.negatives or f in s.labels)) for f in chosen)
+    ]
     records = {p.name: _Records() for p in predictors}
     own_progress = not isinstance(progress, Progress)
     bar = Progress(len(samples), progress, desc="evaluate") if own_progress else progress
@@ -394,8 +403,9 @@ def _score_batch(
                                 "dice_at": list(s.dice_at),
                             }
                         )
-                    if out.probabilities is not None and (f in item.targets or f in item.negatives):
-                        label = f in item.targets
+                    positive = f in item.targets or f in item.present
+                    if out.probabilities is not None and (positive or f in item.negatives):
+                        label = positive
                         rec.prob.append({**base, "label": int(label), "probability": float(out.probabilities[i, j])})
 
 
@@ -458,9 +468,9 @@ def _aggregate(
         for f in findings:
             loc = [r for r in rec.loc if r["finding"] == f]
             prob = [r for r in rec.prob if r["finding"] == f]
-            if not loc:
+            if not loc and not prob:
                 continue
-            n_img = len({r["image_id"] for r in loc})
+            n_img = len({r["image_id"] for r in loc} | {r["image_id"] for r in prob if r["label"]})
             evaluated[f]["positive"] = max(evaluated[f]["positive"], n_img)
             entry: dict[str, Any] = {"n_images": n_img, "kinds": {}, "prompts": {}}
             for kind in kinds_of[f]:
