@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 from pathlib import Path
 
-from afloc_engine.cli.common import add_model_arguments, add_progress_argument
+from afloc_engine.cli.common import add_model_arguments, add_progress_argument, check_out_folder, parse_device, warn
 from afloc_engine.errors import AFLocError, PromptError
+from afloc_engine.locks import add_wait_argument
 from afloc_engine.progress import Progress, emit
 
 
@@ -40,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_model_arguments(parser)
     add_progress_argument(parser)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace results an earlier run left in --out (default: refuse)"
+    )
+    add_wait_argument(parser)
 
 
 def output_name(path: Path, taken: set[str]) -> str:
@@ -72,6 +78,35 @@ def _window(text: str) -> str | tuple[float, float]:
     return low, high
 
 
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """``--prompt``s then the ``--preset``'s, cleaned; a prompt naming a finding an earlier one names is
+    dropped with one warning line (the README's ``--prompt "Findings suggesting pneumothorax" --preset cxr``)."""
+    from afloc_engine.prompts import merge_duplicates, preset_prompts, validate_prompts
+    from afloc_engine.text import split_sentences
+
+    prompts = list(args.prompt)
+    if args.preset:
+        prompts += preset_prompts(args.preset)
+    if not prompts:
+        raise PromptError("give at least one --prompt or a --preset")
+    prompts, dropped = merge_duplicates(validate_prompts(prompts))
+    if dropped:
+        pairs = "; ".join(f"{d!r} (same finding as {k!r})" for d, k in dropped)
+        warn(f"{len(dropped)} repeated prompt(s) ignored: {pairs}")
+    for p in prompts:
+        if not split_sentences(p):
+            warn(f"the text model reads no word of the prompt {p!r} (it reads English words); its heatmap is noise")
+    return prompts
+
+
+def _dicom_seg_source(path: Path, image: object) -> Path | None:
+    """The DICOM file or series folder a DICOM SEG can reference, or None when the input is not DICOM."""
+    meta = getattr(image, "meta", {}) or {}
+    if meta.get("sop_instance_uid") or (path.is_dir() and getattr(image, "is_volume", False)):
+        return path
+    return None
+
+
 def _slice_progress(path: Path):  # noqa: ANN202 (a callback)
     """JSON progress lines per batch of slices of a volume, so a GUI shows a long CT moving."""
 
@@ -82,24 +117,53 @@ def _slice_progress(path: Path):  # noqa: ANN202 (a callback)
 
 
 def run(args: argparse.Namespace) -> int:
+    """One writer per output folder (its lock held throughout); earlier results kept unless ``--overwrite``."""
+    from afloc_engine.checkpoint import clean_leftovers
+    from afloc_engine.locks import LOCK_FILE, folder_lock
+
+    check_out_folder(args.out)  # before the lock creates it: a file, or a folder that cannot be written
+    parse_device(args.device)
+    created = not args.out.exists()
+    try:
+        with folder_lock(args.out, "afloc localize", wait=args.wait):
+            clean_leftovers(args.out)  # temporary folders of an interrupted run
+            taken: set[str] = set()
+            clash = [name for name in (output_name(p, taken) for p in args.inputs) if (args.out / name).exists()]
+            if clash and not args.overwrite:
+                raise AFLocError(
+                    f"already holds results for {', '.join(clash[:3])}{' ...' if len(clash) > 3 else ''} "
+                    "(an earlier run); pass --overwrite to replace them or choose another --out",
+                    args.out,
+                )
+            return _run(args)
+    except BaseException:
+        if created and args.out.is_dir() and [p.name for p in args.out.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(args.out, ignore_errors=True)  # a failed first run leaves no output folder
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     import afloc_engine
+    from afloc_engine.inference import resolve_device
     from afloc_engine.io import read_image
     from afloc_engine.outputs import write_results
-    from afloc_engine.prompts import preset_prompts, validate_prompts
 
-    prompts = list(args.prompt)
-    if args.preset:
-        prompts += preset_prompts(args.preset)
-    if not prompts:
-        raise PromptError("give at least one --prompt or a --preset")
-    prompts = validate_prompts(prompts)
+    prompts = _prompts(args)
     window = _window(args.window)
     if args.axis not in (0, 1, 2):
         raise AFLocError(f"--axis must be 0, 1 or 2 (Z, Y, X array order), not {args.axis}")
+    try:
+        device = resolve_device(args.device)  # an absent GPU is refused before anything is read or loaded
+    except ValueError as err:
+        raise AFLocError(str(err)) from None
     # read every input first: a bad file stops the run before any output is written
     images = [read_image(p) for p in args.inputs]
+    dicom_seg = [_dicom_seg_source(path, image) if args.dicom_seg else None for path, image in zip(args.inputs, images)]
+    for path, source in zip(args.inputs, dicom_seg):
+        if args.dicom_seg and source is None:
+            warn(f"--dicom-seg: {path} is not a DICOM file or series, so no masks.dcm is written for it")
     try:
-        model = afloc_engine.load_model(args.model, args.device)
+        model = afloc_engine.load_model(args.model, device)
     except ValueError as err:
         raise AFLocError(str(err)) from None
     adapter = None
@@ -114,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     taken: set[str] = set()
     written = []
     with Progress(len(images), args.progress, desc="localize") as progress:
-        for path, image in zip(args.inputs, images):
+        for path, image, seg_source in zip(args.inputs, images, dicom_seg):
             extra = None
             if image.is_volume:
                 result = model.localize_volume(
@@ -132,16 +196,18 @@ def run(args: argparse.Namespace) -> int:
                 }
             else:
                 result = model.localize(image, prompts, args.threshold, similarity=args.similarity, adapter=adapter)
-            out_dir = write_results(result, args.out / output_name(path, taken), extra, overlay=not args.no_overlay)
+            out_dir = write_results(
+                result,
+                args.out / output_name(path, taken),
+                extra,
+                overlay=not args.no_overlay,
+                dicom_seg_source=seg_source,
+            )
             for spec in result.specificity():  # per prompt: afloc_engine.specificity (also in results.json)
                 score = "n/a (one prompt)" if spec.specificity is None else f"{spec.specificity:.2f}"
                 print(f'afloc localize: {path}: "{spec.prompt}": specificity {score}', file=sys.stderr)
                 if spec.warning:
                     print(f"afloc localize: WARNING: {path}: {spec.warning}", file=sys.stderr)
-            if args.dicom_seg and (image.meta.get("sop_instance_uid") or (path.is_dir() and image.is_volume)):
-                from afloc_engine.dicom_seg import write_dicom_seg
-
-                write_dicom_seg(path, result, out_dir / "masks.dcm")
             written.append(str(out_dir))
             progress.update(1, message=str(path), output=str(out_dir))
     usage = None
