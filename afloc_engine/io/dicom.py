@@ -51,10 +51,20 @@ def read_dicom_file(path: Path) -> ImageData:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    errors = (InvalidDicomError, AttributeError, KeyError, ValueError, TypeError, OSError, EOFError)
     try:
         with quiet_libraries():
             ds = pydicom.dcmread(str(path))
-    except (InvalidDicomError, AttributeError, KeyError, ValueError, TypeError, OSError, EOFError) as err:
+    except InvalidDicomError as err:
+        # no preamble/meta header (old ACR-NEMA style files): GDCM and pydicom's force mode still read some
+        try:
+            with quiet_libraries():
+                ds = pydicom.dcmread(str(path), force=True)
+        except errors:
+            raise ImageReadError(f"cannot read DICOM (truncated or not DICOM?): {first_line(err)}", path) from None
+        if "PixelData" not in ds:
+            raise ImageReadError(f"cannot read DICOM (truncated or not DICOM?): {first_line(err)}", path) from None
+    except errors as err:
         raise ImageReadError(f"cannot read DICOM (truncated or not DICOM?): {first_line(err)}", path) from None
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         kind = str(getattr(ds, "Modality", "") or "").strip() or "this"
