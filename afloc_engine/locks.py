@@ -73,10 +73,10 @@ def _unlock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-def holder(folder: str | Path) -> str | None:
-    """What the lock file of ``folder`` says about its last holder (``'PID 123 (afloc localize)'``), or None."""
+def holder(folder: str | Path, lock_name: str = LOCK_FILE) -> str | None:
+    """What the lock file of ``folder`` says about its holder (``'PID 123 (afloc localize)'``), or None."""
     try:
-        with open(Path(folder) / LOCK_FILE, "rb") as fh:
+        with open(Path(folder) / lock_name, "rb") as fh:
             fh.seek(_PID_OFFSET)
             text = fh.read(512).decode("utf-8", "replace").strip("\0 \n")
     except OSError:
@@ -86,12 +86,20 @@ def holder(folder: str | Path) -> str | None:
 
 @contextlib.contextmanager
 def folder_lock(
-    folder: str | Path, command: str, wait: bool = False, poll_s: float = 0.2, timeout_s: float | None = None
+    folder: str | Path,
+    command: str,
+    wait: bool = False,
+    poll_s: float = 0.2,
+    timeout_s: float | None = None,
+    lock_name: str = LOCK_FILE,
+    guarded: str | Path | None = None,
 ) -> Iterator[Path]:
     """Hold the exclusive writer lock of ``folder`` (created if missing) for the ``with`` block.
 
-    folder: the folder guarded; command: what the holder is doing (shown to the next writer); wait: block
-    until the lock is free instead of raising; timeout_s: give up waiting after this many seconds.
+    folder: where the lock file ``lock_name`` lives (the folder guarded, unless ``guarded`` names another,
+    e.g. the model cache locked from its parent so the cache holds only models); command: what the holder is
+    doing (shown to the next writer); wait: block until the lock is free instead of raising; timeout_s:
+    give up waiting after this many seconds.
     Yields the folder. Raises :class:`FolderLockedError` when another live process holds it (and
     ``wait`` is false or the timeout passed), an :class:`AFLocError` when the folder cannot be created or
     the lock file cannot be opened (a file in the way, no permission, read-only disk).
@@ -99,7 +107,7 @@ def folder_lock(
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(folder / lock_name, os.O_RDWR | os.O_CREAT, 0o644)
     except FileExistsError:
         raise AFLocError("exists and is not a folder", folder) from None
     except NotADirectoryError:
@@ -110,9 +118,10 @@ def folder_lock(
         start = time.monotonic()
         while not _try_lock(fd):
             if not wait or (timeout_s is not None and time.monotonic() - start > timeout_s):
-                who = holder(folder) or "another process"
+                who = holder(folder, lock_name) or "another process"
                 raise FolderLockedError(
-                    f"in use by another afloc process ({who}); wait for it to finish or pass --wait", folder
+                    f"in use by another afloc process ({who}); wait for it to finish or pass --wait",
+                    folder if guarded is None else guarded,
                 )
             time.sleep(poll_s)
         note = f"PID {os.getpid()} ({command})".encode()

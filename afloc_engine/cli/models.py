@@ -6,6 +6,7 @@ import argparse
 import json
 
 from afloc_engine.cli.common import add_progress_argument
+from afloc_engine.locks import add_wait_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p_install.add_argument("--force", action="store_true", help="replace an installed model of the same name")
     p_install.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
     add_progress_argument(p_install)
+    add_wait_argument(p_install)
     p_remove = actions.add_parser("remove", help="delete an installed model from the user cache")
     p_remove.add_argument("name", metavar="NAME")
+    add_wait_argument(p_remove)
     p_pack = actions.add_parser("pack", help="write a model folder as an installable .zip/.tar.gz; print its entry")
     p_pack.add_argument("folder", metavar="FOLDER")
     p_pack.add_argument("archive", metavar="ARCHIVE")
@@ -41,6 +44,30 @@ def _size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _weights_sha256(rows: list[dict], installed: list[dict]) -> None:
+    """Give every row ``weights_sha256``: the SHA-256 of its ``model.safetensors`` (the hash in ``model_id``)
+    for shipped and installed models, "" for a model not installed yet (only its archive's hash is known:
+    ``archive_sha256``)."""
+    files = {r["name"]: r.get("files", {}) for r in installed}
+    for row in rows:
+        row["archive_sha256"] = ""
+        if row["source"] == "installed":
+            row["weights_sha256"] = files.get(row["name"], {}).get("model.safetensors", "")
+            row["archive_sha256"] = row["sha256"]
+        elif row["source"] == "available":
+            row["weights_sha256"], row["archive_sha256"] = "", row["sha256"]
+        else:  # shipped in the package: the manifest's hash is that of model.safetensors
+            row["weights_sha256"] = row["sha256"]
+
+
+def model_id(record: dict) -> str:
+    """``name@version:sha12`` of an install record, as ``load_model(name).model_id`` will say it."""
+    from afloc_engine.checkpoint import ModelInfo
+
+    weights = record.get("files", {}).get("model.safetensors", "")
+    return ModelInfo(name=record["name"], version=str(record.get("version", "")), sha256=weights).model_id
+
+
 def run(args: argparse.Namespace) -> int:
     """Run one ``afloc models`` action; returns the exit code."""
     from afloc_engine import registry
@@ -48,10 +75,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.models_action == "list":
         rows = registry.list_models()
+        _weights_sha256(rows, registry.installed_models())
         if args.json:
             print(json.dumps({"home": str(registry.afloc_home()), "models": rows}, indent=2))
             return 0
-        header = ("NAME", "VERSION", "SOURCE", "TRAINED", "SIZE", "SHA256", "DESCRIPTION")
+        header = ("NAME", "VERSION", "SOURCE", "TRAINED", "SIZE", "WEIGHTS_SHA256", "DESCRIPTION")
         table = [
             (
                 r["name"],
@@ -59,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                 r["source"],
                 {True: "yes", False: "NO", None: "?"}[r["trained"]],
                 _size(r["size"]),
-                (r["sha256"] or "-")[:12],
+                (r["weights_sha256"] or "-")[:12],
                 r["description"],
             )
             for r in rows
@@ -67,23 +95,34 @@ def run(args: argparse.Namespace) -> int:
         widths = [max(len(str(row[i])) for row in [header, *table]) for i in range(len(header) - 1)]
         for row in [header, *table]:
             print("  ".join(f"{str(v):<{w}}" for v, w in zip(row, widths)) + "  " + str(row[-1]))
-        print(f"(installed models live in {registry.models_dir()})")
+        print(
+            "(WEIGHTS_SHA256: of model.safetensors, the hash in model_id; '-' until installed. "
+            f"Installed models live in {registry.models_dir()}; --json also gives archive hashes)"
+        )
         return 0
     if args.models_action == "install":
         record = registry.install(
-            args.source, args.sha256, args.name, force=args.force, progress=args.progress, timeout=args.timeout
+            args.source,
+            args.sha256,
+            args.name,
+            force=args.force,
+            progress=args.progress,
+            timeout=args.timeout,
+            wait=args.wait,
         )
         if args.progress == "json":
-            emit("done", **{k: record[k] for k in ("name", "version", "sha256", "path", "cached", "trained")})
+            fields = {k: record[k] for k in ("name", "version", "sha256", "path", "cached", "trained")}
+            emit("done", **fields, model_id=model_id(record))
         else:
             verb = "already installed" if record["cached"] else "installed"
             name, version, digest = record["name"], record["version"], record["sha256"]
             print(f"{verb}: {name} (version {version}, sha256 {digest}) in {record['path']}")
+            print(f"model_id: {model_id(record)} (use it as --model {name})")
             if not record.get("trained"):
                 print("warning: this model says it is not trained; its outputs mean nothing")
         return 0
     if args.models_action == "remove":
-        folder = registry.remove(args.name)
+        folder = registry.remove(args.name, wait=args.wait)
         print(f"removed: {args.name} ({folder})")
         return 0
     if args.models_action == "pack":

@@ -45,7 +45,43 @@ from afloc_engine.registry.manifest import (
 
 
 # --- install / remove ----------------------------------------------------------------------------
+def _cache_lock(command: str, wait: bool):  # noqa: ANN202 (a context manager)
+    """The model cache's writer lock (one install/remove at a time; see :mod:`afloc_engine.locks`)."""
+    import contextlib
+
+    from afloc_engine.checkpoint import clean_leftovers
+    from afloc_engine.locks import folder_lock
+
+    @contextlib.contextmanager
+    def held():  # noqa: ANN202
+        root = models_dir()  # locked from its parent: the cache itself holds only models
+        with folder_lock(root.parent, command, wait=wait, lock_name=".models.lock", guarded=root):
+            root.mkdir(parents=True, exist_ok=True)
+            for staging in root.glob(".install-*.tmp"):  # an interrupted install (we hold the lock)
+                shutil.rmtree(staging, ignore_errors=True)
+            clean_leftovers(root)
+            yield root
+
+    return held()
+
+
 def install(
+    url_or_path: str | Path,
+    sha256: str | None = None,
+    name: str | None = None,
+    *,
+    force: bool = False,
+    progress: str = "none",
+    timeout: float = DOWNLOAD_TIMEOUT_S,
+    wait: bool = False,
+) -> dict[str, Any]:
+    """:func:`_install` holding the model cache's lock: a second writer gets
+    :class:`~afloc_engine.locks.FolderLockedError` naming the holder's PID, or waits when ``wait``."""
+    with _cache_lock("afloc models install", wait):
+        return _install(url_or_path, sha256, name, force=force, progress=progress, timeout=timeout)
+
+
+def _install(
     url_or_path: str | Path,
     sha256: str | None = None,
     name: str | None = None,
@@ -159,8 +195,13 @@ def install(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def remove(name: str) -> Path:
-    """Delete an installed model from the user cache; returns the folder it occupied."""
+def remove(name: str, wait: bool = False) -> Path:
+    """Delete an installed model from the user cache (holding its lock); returns the folder it occupied."""
+    with _cache_lock("afloc models remove", wait):
+        return _remove(name)
+
+
+def _remove(name: str) -> Path:
     entry = manifest_entry(name)
     if entry is not None and "path" in entry:
         raise CheckpointError(f"model {name!r} is shipped with the package and cannot be removed")
