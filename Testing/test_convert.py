@@ -577,3 +577,64 @@ def test_converted_checkpoint_computes_what_the_reference_computes(minilm_checkp
     np.testing.assert_array_equal(
         again.localize(path, PROMPTS, negative_prompts=NEGATIVES).heatmaps, results[COVID_IMAGES[1]].heatmaps
     )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model.text.aggregate_method": "mean"}, r"aggregate_method = 'mean'.*only 'sum'"),
+        ({"model.text.last_n_layers": 1}, r"last_n_layers = 1.*pooler output"),
+        ({"model.text.agg_tokens": False}, r"agg_tokens = False.*padding tokens"),
+        ({"model.text.norm": True}, r"model\.text\.norm = True.*L2-normalised"),
+        ({"model.vision.model_name": "densenet_121"}, r"densenet_121.*only ResNet"),
+        ({"transforms.norm": "imagenet"}, r"transforms\.norm = 'imagenet'"),
+        ({"model.afloc.temp1": -1.0}, r"temp1 = -1\.0.*positive"),
+    ],
+)
+def test_unsupported_reference_variants_are_refused_in_one_sentence(change, message, tmp_path):
+    from afloc_engine.convert import reference_settings
+
+    with pytest.raises(CheckpointError, match=message) as err:
+        reference_settings(released_cfg(**change), tmp_path / "x.ckpt")
+    assert "cannot reproduce it" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_settings_come_from_hyper_parameters_with_released_fallbacks(tmp_path):
+    from afloc_engine.convert import FALLBACK_SETTINGS, reference_settings
+
+    changes, notes = reference_settings(
+        released_cfg(
+            **{
+                "data.text.word_num": 64,
+                "model.text.last_n_layers": 3,
+                "model.afloc.temp2": 6.0,
+                "model.afloc.use_local_word_loss": False,
+                "transforms.norm": None,
+            }
+        ),
+        tmp_path / "x.ckpt",
+    )
+    assert (changes["text_max_length"], changes["text_last_layers"], changes["tau2"], changes["tau3"]) == (
+        64,
+        3,
+        6.0,
+        10,
+    )
+    assert changes["weight_word"] == 0.0 and (changes["intensity_mean"], changes["intensity_std"]) == (0.0, 1.0)
+    assert notes["bert_type"] == "emilyalsentzer/Bio_ClinicalBERT"
+    assert reference_settings({}, tmp_path / "x.ckpt") == (FALLBACK_SETTINGS, {})
+
+
+def test_use_ce_loss_projection_is_dropped_and_a_missing_shallow_projection_named(reference, bert_dir, tmp_path):
+    from afloc_engine.convert import infer_reference_config, map_reference_state
+    from afloc_engine.models import AFLocModel
+
+    src = tmp_path / "x.ckpt"
+    config = infer_reference_config(reference, bert_dir, 1, src)
+    targets = AFLocModel(config, bert_dir).state_dict()
+    with_ce = {**reference, "img_encoder.local_f_embedder.weight": torch.zeros(D, 2048, 1, 1)}
+    # before: "unexpected key 'img_encoder.local_f_embedder.weight'"; now converted without it (inference never uses it)
+    assert map_reference_state(with_ce, targets, src).keys() == map_reference_state(reference, targets, src).keys()
+    no_word_loss = {k: v for k, v in reference.items() if k != "img_encoder.local2_embedder.weight"}
+    with pytest.raises(CheckpointError, match=r"local2_embedder.*use_local_word_loss off"):
+        infer_reference_config(no_word_loss, bert_dir, 1, src)
