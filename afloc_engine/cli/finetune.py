@@ -13,6 +13,7 @@ cleanly (exit 143 / 130) and leave no adapter folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import signal
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 
 from afloc_engine.cli.common import add_model_arguments, add_progress_argument
 from afloc_engine.errors import AFLocError, DataError
+from afloc_engine.locks import add_wait_argument, folder_lock
 from afloc_engine.progress import Progress, emit
 
 
@@ -55,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     add_model_arguments(parser)
     add_progress_argument(parser)
+    add_wait_argument(parser)
 
 
 def _on_sigterm(_signum: int, _frame: Any) -> None:  # noqa: ANN401
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     # script, or by a GUI): Python keeps an inherited SIG_IGN instead of raising KeyboardInterrupt
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     progress: Progress | None = None
+    held = contextlib.ExitStack()
     try:
         if len(args.images) != len(args.masks):
             raise DataError(f"{len(args.images)} images but {len(args.masks)} masks: give one mask per image")
@@ -82,6 +86,14 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(max(1, args.threads))
         # check every file before loading the model: bad input fails fast and writes nothing
         examples = parse_examples(list(zip(args.images, args.masks)), [args.finding.strip()])
+        store = args.out if args.out is not None else default_adapter_store()
+        # one writer per adapter store; the lock file sits beside the store, which holds only adapters
+        store = Path(store).absolute()
+        lock_name = f".{store.name}.afloc.lock"
+        held.enter_context(folder_lock(store.parent, "afloc finetune", args.wait, lock_name=lock_name, guarded=store))
+        from afloc_engine.checkpoint import clean_leftovers
+
+        clean_leftovers(store)  # temporary folders of an interrupted fine-tune
         try:
             model = afloc_engine.load_model(args.model, args.device)
         except ValueError as err:
@@ -106,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             cv_folds=args.cv_folds,
             progress=report,
         )
-        path = adapter.save(args.out if args.out is not None else default_adapter_store())
+        path = adapter.save(store)
         if progress is not None:
             if progress.step < progress.total:  # early stopping ends before the planned total
                 progress.update(progress.total - progress.step, message="saved")
@@ -116,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return _cancelled(args, progress, 130, "interrupted")
     finally:
+        held.close()
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
     m = adapter.metrics
