@@ -64,3 +64,9 @@ def shared_data() -> Path:
 @pytest.fixture()
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The tiny test models are untrained on purpose: their loud UNTRAINED warning is not news in a test
+    run (tests that check it use ``pytest.warns``, which still sees it)."""
+    config.addinivalue_line("filterwarnings", "ignore::afloc_engine.inference.UntrainedModelWarning")

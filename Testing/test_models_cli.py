@@ -53,7 +53,10 @@ def test_install_list_remove(home, archive, capsys):
     assert main(["models", "list"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["NAME", "VERSION", "SOURCE"]
-    assert any(line.startswith("cli-model") and digest[:12] in line for line in table)
+    # the table shows one kind of hash for every model: that of model.safetensors (the one in model_id)
+    weights = hashlib.sha256((home / "models" / "cli-model" / "model.safetensors").read_bytes()).hexdigest()
+    assert table[0].split()[5] == "WEIGHTS_SHA256"
+    assert any(line.startswith("cli-model") and weights[:12] in line and digest[:12] not in line for line in table)
 
     assert main(["models", "remove", "cli-model"]) == 0
     assert "removed: cli-model" in capsys.readouterr().out
@@ -113,3 +116,55 @@ def test_pack_prints_an_installable_entry(home, archive, tmp_path, capsys):
     assert entry["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() and entry["version"] == "2"
     assert main(["models", "install", str(out), "--sha256", entry["sha256"], "--progress", "none"]) == 0
     assert (home / "models" / "cli-model" / "config.json").is_file()
+
+
+def test_install_under_another_name_is_known_by_that_name(home, archive, capsys):
+    import afloc_engine
+
+    assert main(["models", "install", str(archive), "--name", "mytest", "--progress", "none"]) == 0
+    out = capsys.readouterr().out
+    weights = hashlib.sha256((home / "models" / "mytest" / "model.safetensors").read_bytes()).hexdigest()
+    assert f"model_id: mytest@2:{weights[:12]}" in out
+    with pytest.warns(UserWarning):
+        model = afloc_engine.load_model("mytest", "cpu")
+    assert model.model_id == f"mytest@2:{weights[:12]}"  # not cli-model@..., the name inside its config
+    assert main(["models", "install", str(archive), "--name", "mytest", "--progress", "json"]) == 0
+    done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert done["model_id"] == model.model_id and done["cached"] is True
+
+
+def test_list_gives_the_weights_hash_of_every_model(home, archive, capsys):
+    from afloc_engine.registry.manifest import PACKAGE_WEIGHTS
+
+    assert main(["models", "install", str(archive), "--progress", "none"]) == 0
+    capsys.readouterr()
+    assert main(["models", "list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["models"]}
+    installed = home / "models" / "cli-model" / "model.safetensors"
+    assert rows["cli-model"]["weights_sha256"] == hashlib.sha256(installed.read_bytes()).hexdigest()
+    assert rows["cli-model"]["archive_sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    shipped = PACKAGE_WEIGHTS / "default" / "model.safetensors"
+    if shipped.is_file():
+        assert rows["default"]["weights_sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+
+
+def test_an_untrained_test_model_warns_under_its_own_name(tiny_model, tmp_path):
+    """The loud UNTRAINED line names the model loaded (not 'the default model'), in a category a test
+    suite can silence."""
+    import warnings
+
+    import afloc_engine
+    from afloc_engine.checkpoint import ModelInfo, save_model
+    from afloc_engine.cli.info import describe
+    from afloc_engine.inference import UntrainedModelWarning
+
+    folder = save_model(tiny_model, tmp_path / "tiny", ModelInfo(name="tiny", version="1"))
+    with pytest.warns(UntrainedModelWarning) as caught:
+        afloc_engine.load_model(folder, "cpu")
+    message = str(caught[0].message)
+    assert message.startswith("UNTRAINED MODEL: 'tiny'") and "default model" not in message
+    assert "'tiny'" in describe(str(folder), "cpu")["warning"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=UntrainedModelWarning)
+        afloc_engine.load_model(folder, "cpu")  # silenced by its category alone

@@ -34,6 +34,22 @@ UNTRAINED_WARNING = (
 )
 
 
+class UntrainedModelWarning(UserWarning):
+    """A model whose weights are untrained (random) was loaded; its outputs mean nothing.
+
+    Its own category, so a test suite can silence it for its tiny test models
+    (``filterwarnings = ignore::afloc_engine.inference.UntrainedModelWarning``).
+    """
+
+
+def untrained_warning(name: str = "default", folder: str | Path | None = None) -> str:
+    """The loud line for an untrained model, naming that model (the shipped default's own text for it)."""
+    if folder is None and name == "default":
+        return UNTRAINED_WARNING
+    where = f" ({folder})" if folder is not None else ""
+    return f"UNTRAINED MODEL: {name!r}{where} says its weights are untrained; heatmaps and probabilities mean nothing."
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU. Raises ValueError for an unavailable GPU."""
     if isinstance(device, torch.device):
@@ -215,16 +231,18 @@ def load_model(name_or_path: str | Path = "default", device: str | torch.device 
     The default model ships inside the package. If its weights are absent, a randomly
     initialised model is returned with a loud warning; ``result.trained`` is then False.
     """
-    from afloc_engine.registry import resolve_model
+    from afloc_engine.registry import models_dir, resolve_model
 
     folder, expected_sha = resolve_model(str(name_or_path))
     if folder is None:
-        warnings.warn(UNTRAINED_WARNING, stacklevel=2)
+        warnings.warn(UNTRAINED_WARNING, UntrainedModelWarning, stacklevel=2)
         log.warning(UNTRAINED_WARNING)
         return AFLoc(untrained_default(), ModelInfo(name="default", version="untrained", trained=False), device)
     model, info = load_model_folder(folder, expected_sha)
+    if str(name_or_path) == folder.name and folder.parent == models_dir():
+        info.name = folder.name  # installed under its own --name: model_id (results, adapters) says that name
     if not info.trained:
-        warnings.warn(f"{folder}: {UNTRAINED_WARNING}", stacklevel=2)
+        warnings.warn(untrained_warning(info.name, folder), UntrainedModelWarning, stacklevel=2)
     return AFLoc(model, info, device)
 
 

@@ -21,7 +21,7 @@ def describe(model_name: str, device: str) -> dict:
 
     import afloc_engine
     from afloc_engine.config import REFERENCE_INFERENCE
-    from afloc_engine.inference import UNTRAINED_WARNING
+    from afloc_engine.inference import untrained_warning
     from afloc_engine.registry import resolve_model
 
     folder, expected = resolve_model(model_name)
@@ -64,7 +64,7 @@ def describe(model_name: str, device: str) -> dict:
         "afloc_engine": afloc_engine.__version__,
     }
     if not model.info.trained:
-        info["warning"] = UNTRAINED_WARNING
+        info["warning"] = untrained_warning(model.info.name, folder)
     return info
 
 
