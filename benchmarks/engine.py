@@ -1,7 +1,9 @@
 """Engine benchmarks (issue 2): batched local loss vs the reference loop; model load; localize; GPU batch.
 
 Run by hand:  .venv/bin/python benchmarks/engine.py [--device cpu|cuda] [--json OUT.json]
-Prints a table; the README quotes its numbers with the machine they ran on.
+Prints a table and writes OUT.json (default ``benchmarks/results/engine_<device>.json``) with the
+machine it ran on (CPU model, cores, torch threads; ``benchmarks/machine.py``); the README quotes
+its numbers from that file.
 
 1. L_DS-sized local similarity (D=768, 19x19 deep regions, 12 sentences per report): the batched
    `local_similarity` vs the reference's Python loop over reports, forward + backward, B = 16, 64, 128.
@@ -16,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+from machine import machine_info
 
 from afloc_engine.losses import local_similarity
 
@@ -161,16 +164,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="default")
-    parser.add_argument("--json", help="write all numbers here")
+    parser.add_argument("--json", help="write all numbers here (default: benchmarks/results/engine_DEVICE.json)")
     parser.add_argument("--skip-loss", action="store_true")
     args = parser.parse_args()
-    report = {
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "device": args.device,
-    }
+    report = {"machine": machine_info(args.device), "device": args.device}
     if not args.skip_loss:
         report["loss"] = bench_loss(args.device)
+        speedups = [r["speedup"] for r in report["loss"]]
+        report["loss_speedup_min"], report["loss_speedup_max"] = min(speedups), max(speedups)
         print("local similarity (L_DS size, forward+backward)   batched vs reference loop over reports")
         for r in report["loss"]:
             print(
@@ -186,9 +187,11 @@ def main() -> None:
         )
     else:
         report["gpu_batch"] = bench_gpu_batch(args.model)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
+    default = Path(__file__).parent / "results" / f"engine_{args.device.split(':')[0]}.json"
+    out = Path(args.json) if args.json else default
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,10 +33,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from machine import cpu_model, machine_info  # noqa: E402
 
 import afloc_engine  # noqa: E402
 from afloc_engine.finetune import default_prompt  # noqa: E402
-from afloc_engine.finetune.data import AugmentConfig, augment_view  # noqa: E402
+from afloc_engine.finetune.data import FinetuneAugmentConfig, augment_view  # noqa: E402
 from afloc_engine.io import read_image  # noqa: E402
 from afloc_engine.metrics import THRESHOLDS, iou_dice_at_thresholds  # noqa: E402
 from afloc_engine.transforms import Letterbox, prepare_image  # noqa: E402
@@ -111,7 +113,7 @@ def train_unet(train: list[dict], size: int, steps: int, batch: int, seed: int, 
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    aug = AugmentConfig()
+    aug = FinetuneAugmentConfig()
     net = UNet(2, 1, 1, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2).to(device)
     canvases = [unet_canvas(it, size)[:2] for it in train]
     loss_fn = DiceFocalLoss(sigmoid=True)
@@ -239,7 +241,8 @@ def summarise(args: argparse.Namespace, model, draws: list[dict], prompt: str) -
         "model_id": model.model_id,
         "model_trained": model.info.trained,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "machine": machine_info(str(device)),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "threshold": t,
