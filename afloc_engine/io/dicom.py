@@ -154,7 +154,9 @@ def _pydicom_pipeline(ds: Any, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray 
     if photometric == "PALETTE COLOR":
         with quiet_libraries():
             rgb = apply_color_lut(raw, ds)
-        return rgb_to_grey(rgb), _compact_rgb(rgb), None
+        if rgb.dtype != np.uint8:  # 16-bit palette entries: their top 8 bits, as an 8-bit display shows them
+            rgb = (np.asarray(rgb, dtype=np.uint32) >> 8).astype(np.uint8)
+        return rgb_to_grey(rgb), rgb, None
     if photometric in _COLOUR or (raw.ndim == (4 if frames > 1 else 3) and raw.shape[-1] in (3, 4)):
         # pydicom converts YBR to RGB while decoding
         return rgb_to_grey(raw), _compact_rgb(raw), None
