@@ -269,10 +269,10 @@ def localize_volume(
         model.model_id,
         model.info.trained,
         negatives,
-        axis,
-        normalization,
-        slice_probs,
-        win,
+        axis=axis,
+        normalization=normalization,
+        slice_probabilities=slice_probs,
+        window=win,
     )
 
 
