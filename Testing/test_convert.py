@@ -516,7 +516,9 @@ def minilm_checkpoint(tmp_path_factory) -> tuple[Path, dict, Path]:
 
 
 @pytest.mark.slow
-def test_converted_checkpoint_computes_what_the_reference_computes(minilm_checkpoint, shared_data, tmp_path, capsys):
+def test_converted_checkpoint_computes_what_the_reference_computes(
+    minilm_checkpoint, shared_data, tmp_path, capsys, monkeypatch
+):
     import shutil
 
     from transformers import AutoModel, AutoTokenizer
@@ -576,6 +578,14 @@ def test_converted_checkpoint_computes_what_the_reference_computes(minilm_checkp
     path = shared_data / "covid-cxr" / "images" / f"{COVID_IMAGES[1]}.jpg"
     np.testing.assert_array_equal(
         again.localize(path, PROMPTS, negative_prompts=NEGATIVES).heatmaps, results[COVID_IMAGES[1]].heatmaps
+    )
+    # ... and installed with `afloc models install` (the folder's text model goes with it)
+    monkeypatch.setenv("AFLOC_HOME", str(tmp_path / "home"))
+    assert main(["models", "install", str(moved), "--name", "converted-ref"]) == 0
+    shutil.rmtree(moved)
+    installed = afloc_engine.load_model("converted-ref", "cpu")
+    np.testing.assert_array_equal(
+        installed.localize(path, PROMPTS, negative_prompts=NEGATIVES).heatmaps, results[COVID_IMAGES[1]].heatmaps
     )
 
 

@@ -47,6 +47,9 @@ SAFETENSORS_DTYPES = {
 }
 """Bytes per element of each safetensors dtype."""
 MODEL_KEY_PREFIXES = ("image_encoder.", "text_encoder.")
+TEXT_MODEL_DIR = "text_model"
+"""The one sub-folder a local model folder may hold: its own text model (tokenizer files, config.json,
+weights), which ``afloc convert-reference`` writes; copied file by file (no links, no deeper folders)."""
 
 
 def name_from_archive(filename: str) -> str:
@@ -220,6 +223,13 @@ def copy_model_folder(src: Path, dest: Path) -> None:
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if not (dest / required).is_file():
             raise CheckpointError(f"no {required} in the model folder", src)
+    text = src / TEXT_MODEL_DIR  # a converted reference model's own text model (afloc convert-reference)
+    if text.is_dir() and not text.is_symlink():
+        (dest / TEXT_MODEL_DIR).mkdir()
+        for path in sorted(text.iterdir()):
+            if path.is_symlink() or not path.is_file():
+                raise CheckpointError(f"{TEXT_MODEL_DIR}/{path.name} is a link or a folder; refusing it", path)
+            shutil.copyfile(path, dest / TEXT_MODEL_DIR / path.name)
 
 
 # --- validation ----------------------------------------------------------------------------------
