@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from afloc_engine.checkpoint import atomic_folder, commit_folder
 from afloc_engine.io import ImageData
-from afloc_engine.prompts import finding_of
+from afloc_engine.prompts import clean_prompt, finding_of
 from afloc_engine.protocol import SEGMENT_COLORS, slug, unique_slugs  # noqa: F401 (slug: public here too)
 from afloc_engine.specificity import assess
 from afloc_engine.transforms import normalize_intensity
@@ -40,15 +41,75 @@ def ijk_to_lps(image: ImageData) -> np.ndarray:
     return matrix
 
 
+HEATMAP_STEP = 1.0 / 127
+"""Heatmap files hold multiples of this step (8-bit precision, written as float32): every reader gets
+the values directly, within ``HEATMAP_STEP / 2`` (0.004) of the computed heatmap, and gzip shrinks
+the smooth maps about 30-fold (a 1841 x 1955 radiograph: about 0.4 MB per prompt instead of 12 MB)."""
+HEATMAP_COMPRESSION = 6
+"""gzip level of the heatmap files (1 is faster but about twice as large, 9 is slower for 5 % less)."""
+SEGMENTATION_COMPRESSION = 1
+"""gzip level of ``masks.seg.nrrd`` (binary masks compress well at any level)."""
+
+
+def quantize_heatmap(heatmap: np.ndarray) -> np.ndarray:
+    """Heatmap values rounded to multiples of :data:`HEATMAP_STEP` (float32, same shape), as written to disk."""
+    out = np.multiply(heatmap, 1.0 / HEATMAP_STEP, dtype=np.float32)
+    np.rint(out, out=out)
+    out *= np.float32(HEATMAP_STEP)
+    return out
+
+
 def write_heatmap(image: ImageData, heatmap: np.ndarray, path: Path) -> None:
-    """One float32 heatmap with the input's geometry, as NRRD (or any SimpleITK format by suffix)."""
+    """One heatmap ((H, W) or (Z, Y, X), values in [-1, 1]) with the input's geometry, as gzip NRRD
+    (or any SimpleITK format by suffix); values are stored as :func:`quantize_heatmap` gives them."""
     import SimpleITK as sitk
 
-    sitk.WriteImage(image.to_sitk(np.ascontiguousarray(heatmap, dtype=np.float32)), str(path), useCompression=True)
+    itk = image.to_sitk(quantize_heatmap(heatmap))
+    itk.SetMetaData("afloc_value_step", f"{HEATMAP_STEP:.9g}")
+    sitk.WriteImage(itk, str(path), True, HEATMAP_COMPRESSION)
+
+
+def _write_heatmaps(image: ImageData, heatmaps: np.ndarray, paths: list[Path]) -> None:
+    """:func:`write_heatmap` for each (heatmap, path), two at a time (gzip runs outside Python's lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(paths) < 2:
+        for heat, path in zip(heatmaps, paths):
+            write_heatmap(image, heat, path)
+        return
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for future in [pool.submit(write_heatmap, image, heat, path) for heat, path in zip(heatmaps, paths)]:
+            future.result()
+
+
+def segment_name(prompt: str) -> str:
+    """The segment name of a prompt in ``masks.seg.nrrd``: its finding as printable ASCII.
+
+    Slicer's reader takes the header's bytes as UTF-8 while slicerio (pynrrd) drops every byte that is
+    not ASCII, so only ASCII reads back the same in both: accents are dropped, symbols and other
+    scripts transliterated ('Pleural effusion (≥ 2 cm)' -> 'Pleural effusion (>= 2 cm)', '胸腔积液' ->
+    'XiongQiangJiYe'; ``anyascii`` when installed, else Unicode decomposition and ``U+XXXX`` codes).
+    The exact prompt is in ``results.json``.
+    """
+    finding = clean_prompt(finding_of(prompt))
+    try:
+        from anyascii import anyascii
+
+        text = anyascii(finding)
+    except ImportError:  # pragma: no cover (anyascii is a dependency; this keeps a bare install working)
+        text = unicodedata.normalize("NFKD", finding)
+        text = "".join(
+            ch if ord(ch) < 128 else ("" if unicodedata.combining(ch) else f" U+{ord(ch):04X} ") for ch in text
+        )
+    text = " ".join("".join(ch if 32 <= ord(ch) < 127 else " " for ch in text).split())
+    return text or slug(prompt)
 
 
 def write_segmentation(image: ImageData, masks: np.ndarray, names: list[str], path: Path) -> None:
-    """Masks (P, H, W) or (P, Z, Y, X) as a Slicer ``.seg.nrrd``, one segment per prompt."""
+    """Masks (P, H, W) or (P, Z, Y, X) as a Slicer ``.seg.nrrd``, one segment per prompt.
+
+    ``names`` are the segment names, written as :func:`segment_name` gives them (ASCII).
+    """
     import slicerio
 
     vol = masks if image.is_volume else masks[:, None]  # (P, Z, Y, X)
@@ -57,10 +118,12 @@ def write_segmentation(image: ImageData, masks: np.ndarray, names: list[str], pa
     for i, (mask, name) in enumerate(zip(vol, names)):
         color = SEGMENT_COLORS[i % len(SEGMENT_COLORS)]
         slicerio.add_segment(
-            seg, np.transpose(mask, (2, 1, 0)), {"id": f"Segment_{i + 1}", "name": name, "color": color}
+            seg,
+            np.transpose(mask, (2, 1, 0)),
+            {"id": f"Segment_{i + 1}", "name": segment_name(name), "color": color},
         )
     seg["containedRepresentationNames"] = ["Binary labelmap"]
-    slicerio.write_segmentation(str(path), seg)
+    slicerio.write_segmentation(str(path), seg, compression_level=SEGMENTATION_COMPRESSION)
 
 
 HEAT_STOPS = np.array(
@@ -74,16 +137,23 @@ def heat_colormap(values: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(v, HEAT_STOPS[:, 0], HEAT_STOPS[:, c]) for c in (1, 2, 3)], axis=-1)
 
 
+MASK_OUTLINE_RGB = (80 / 255, 160 / 255, 255 / 255)
+"""The model's mask outline in the overlay (blue, as in the README's picture)."""
+
+
 def overlay_rgb(
-    grey: np.ndarray, heatmap: np.ndarray, mask: np.ndarray | None = None, alpha: float = 0.55
+    grey: np.ndarray, heatmap: np.ndarray, mask: np.ndarray | None = None, alpha: float = 0.55, outline: int = 1
 ) -> np.ndarray:
-    """(H, W) uint8 RGB overlay: the image in grey, the heatmap's positive part in heat colours, mask outline."""
+    """(H, W, 3) uint8 overlay: ``grey`` (H, W) in [0, 1], the heatmap's positive part in heat colours,
+    and the boundary of ``mask`` (H, W) bool, ``outline`` pixels wide, in :data:`MASK_OUTLINE_RGB`."""
     base = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
     strength = np.clip(heatmap, 0, 1)[..., None]
     rgb = base * (1 - alpha * strength) + heat_colormap(strength[..., 0]) * alpha * strength
     if mask is not None and mask.any():
-        edge = mask & ~(_erode(mask))
-        rgb[edge] = (0.2, 1.0, 0.3)
+        inner = mask
+        for _ in range(max(1, outline)):
+            inner = _erode(inner)
+        rgb[mask & ~inner] = MASK_OUTLINE_RGB
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
@@ -96,28 +166,58 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return m
 
 
+def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) float array resized to ``size`` = (width, height), averaging over the pixels it shrinks."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(array, dtype=np.float32)).resize(size, Image.BOX))
+
+
+def _title(text: str) -> str:
+    """A panel title the built-in font can draw: Latin text as is, other scripts and symbols transliterated."""
+    return text if all(ord(ch) < 0x250 for ch in text) else segment_name(text)
+
+
 def write_overlay_png(
-    image: ImageData, heatmaps: np.ndarray, masks: np.ndarray, titles: list[str], path: Path, panel: int = 384
+    image: ImageData,
+    heatmaps: np.ndarray,
+    masks: np.ndarray | None,
+    titles: list[str],
+    path: Path,
+    panel: int = 384,
+    threshold: float | None = None,
 ) -> None:
-    """A grid of overlays, one panel per prompt with its title, for a person to look at."""
+    """A grid of overlays (at most 4 columns), one ``panel``-pixel panel per prompt with its title.
+
+    The image and heatmaps are reduced to the panel size first (so a large radiograph costs little);
+    the mask outline is drawn at that size, 2 px wide, from the reduced heatmap above ``threshold``
+    when one is given, else from the reduced ``masks`` (P, H, W) bool. Volumes show their middle slice.
+    """
     from PIL import Image, ImageDraw
 
     array = image.array if not image.is_volume else image.array[image.array.shape[0] // 2]
     hm = heatmaps if not image.is_volume else heatmaps[:, heatmaps.shape[1] // 2]
-    mk = masks if not image.is_volume else masks[:, masks.shape[1] // 2]
-    grey = normalize_intensity(array, image.window)
-    scale = panel / max(grey.shape)
-    size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
+    mk = None if masks is None else (masks if not image.is_volume else masks[:, masks.shape[1] // 2])
+    scale = min(1.0, panel / max(array.shape))
+    size = (max(1, round(array.shape[1] * scale)), max(1, round(array.shape[0] * scale)))
+    grey = normalize_intensity(_resize(array, size), image.window)
     cols = min(4, len(titles))
     rows = (len(titles) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * size[0], rows * (size[1] + 18)), "black")
     draw = ImageDraw.Draw(sheet)
     for i, title in enumerate(titles):
-        tile = Image.fromarray(overlay_rgb(grey, hm[i], mk[i])).resize(size, Image.BILINEAR)
+        heat = _resize(hm[i], size)
+        if threshold is not None:
+            mask = heat > threshold
+        elif mk is not None:
+            mask = _resize(mk[i].astype(np.float32), size) >= 0.5
+        else:
+            mask = None
+        tile = Image.fromarray(overlay_rgb(grey, heat, mask, outline=2))
         x, y = (i % cols) * size[0], (i // cols) * (size[1] + 18)
         sheet.paste(tile, (x, y + 18))
-        draw.text((x + 4, y + 3), title[:60], fill=(255, 255, 255))
-    sheet.save(path)
+        draw.text((x + 4, y + 3), _title(title)[:60], fill=(255, 255, 255))
+    sheet.save(path, compress_level=3)
 
 
 def write_results(
@@ -125,19 +225,22 @@ def write_results(
     out_dir: Path,
     extra: dict[str, Any] | None = None,
     overlay: bool = True,
+    dicom_seg_source: Path | None = None,
 ) -> Path:
-    """Write every output of one result into ``out_dir`` atomically; returns ``out_dir``."""
+    """Write every output of one result into ``out_dir`` atomically; returns ``out_dir``.
+
+    Files: ``heatmap_<finding>.nrrd`` per prompt (:func:`write_heatmap`), ``masks.seg.nrrd``,
+    ``overlay.png`` (unless ``overlay`` is False), ``masks.dcm`` (a DICOM SEG, when ``dicom_seg_source``
+    names the DICOM file or series folder the result was computed on) and ``results.json``, whose
+    ``files`` lists each of them once. Prompts naming the same finding get distinct file names.
+    """
     tmp = atomic_folder(out_dir)
     try:
         names = unique_slugs(result.prompts)
-        files: dict[str, Any] = {"heatmaps": {}, "segmentation": "masks.seg.nrrd"}
-        for prompt, name, heat in zip(result.prompts, names, result.heatmaps):
-            fname = f"heatmap_{name}.nrrd"
-            write_heatmap(result.image, heat, tmp / fname)
-            files["heatmaps"][prompt] = fname
-        write_segmentation(
-            result.image, result.masks, [finding_of(p) for p in result.prompts], tmp / files["segmentation"]
-        )
+        heat_files = [f"heatmap_{name}.nrrd" for name in names]
+        files: dict[str, Any] = {"heatmaps": heat_files, "segmentation": "masks.seg.nrrd"}
+        _write_heatmaps(result.image, result.heatmaps, [tmp / f for f in heat_files])
+        write_segmentation(result.image, result.masks, list(result.prompts), tmp / files["segmentation"])
         adapter = getattr(result, "adapter", None)  # which few-shot adapter changed which prompts (or None)
         if overlay:
             titles = list(result.prompts)
@@ -148,6 +251,12 @@ def write_results(
                 titles = [f"[{note}] {t}" if t in adapter["prompts"] else t for t in titles]
             write_overlay_png(result.image, result.heatmaps, result.masks, titles, tmp / "overlay.png")
             files["overlay"] = "overlay.png"
+        if dicom_seg_source is not None:
+            from afloc_engine.dicom_seg import write_dicom_seg
+
+            write_dicom_seg(dicom_seg_source, result, tmp / "masks.dcm")
+            files["dicom_seg"] = "masks.dcm"
+        files["results"] = "results.json"
         summary = {
             "input": str(result.image.source) if result.image.source else None,
             "model_id": result.model_id,
@@ -158,21 +267,23 @@ def write_results(
                     "prompt": p,
                     "negative_prompt": n,
                     "probability": float(prob),
-                    "heatmap": files["heatmaps"][p],
-                    "segment": finding_of(p),
+                    "heatmap": fname,
+                    "segment": segment_name(p),
                     "mask_pixels": int(m.sum()),
                     "specificity": spec.specificity,  # afloc_engine.specificity: 1 - mean r with the other maps
                     "lung_correlation": spec.lung_correlation,
                     "specificity_warning": spec.warning,
                 }
-                for p, n, prob, m, spec in zip(
+                for p, fname, n, prob, m, spec in zip(
                     result.prompts,
+                    heat_files,
                     result.negative_prompts,
                     result.probabilities,
                     result.masks,
                     assess(result.heatmaps, result.prompts),
                 )
             ],
+            "heatmap_value_step": HEATMAP_STEP,
             "files": files,
             **({"adapter": adapter} if adapter else {}),
             **(extra or {}),
