@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import machine_info
+from machine import load_average, machine_info
 
 from afloc_engine.losses import local_similarity
 
@@ -187,6 +187,7 @@ def main() -> None:
         )
     else:
         report["gpu_batch"] = bench_gpu_batch(args.model)
+    report["machine"]["load_average_end"] = load_average()
     default = Path(__file__).parent / "results" / f"engine_{args.device.split(':')[0]}.json"
     out = Path(args.json) if args.json else default
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from machine import cpu_model, machine_info  # noqa: E402
+from machine import cpu_model, load_average, machine_info  # noqa: E402
 
 import afloc_engine  # noqa: E402
 from afloc_engine.finetune import default_prompt  # noqa: E402
@@ -304,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not (args.data / "covid-cxr" / "masks.csv").is_file():
         p.error(f"covid-cxr not found under {args.data} (set --data or AFLOC_SHARED_DATA)")
+    machine = machine_info(args.device)  # the load average before the run ...
     result = run(args)
+    result["machine"] = {**machine, "device": result["device"], "load_average_end": load_average()}  # ... and after
     save(args, result)
     print(markdown(result))
     return 0
