@@ -373,3 +373,49 @@ def test_array_mask_errors_name_the_example(tiny_afloc, examples):
         finetune(tiny_afloc, [examples[0], (image, mask * 1.0 + 0.5 * np.eye(*mask.shape))], "blob")
     with pytest.raises(DataError, match="a mask must match its own image"):
         finetune(tiny_afloc, [(image, mask.T)], "blob")
+
+
+# --- FinetuneConfig -------------------------------------------------------------------------------
+def test_settings_are_one_config_recorded_in_the_adapter(tiny_afloc, examples, tmp_path):
+    """A FinetuneConfig and keyword options give the same adapter; adapter.json records the settings,
+    which read back into the same FinetuneConfig."""
+    from afloc_engine.finetune import FinetuneAugmentConfig, FinetuneConfig
+
+    config = FinetuneConfig(epochs=2, views=2, cv_folds=0, augment=FinetuneAugmentConfig(noise=0.02))
+    a = finetune(tiny_afloc, examples[:2], "blob", config, seed=3, out_dir=tmp_path)
+    b = finetune(tiny_afloc, examples[:2], "blob", epochs=2, views=2, cv_folds=0, seed=3,
+                 augment=FinetuneAugmentConfig(noise=0.02))  # fmt: skip
+    ta, tb = a.tensors(), b.tensors()
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    [folder] = list(tmp_path.iterdir())
+    saved = json.loads((folder / "adapter.json").read_text())["config"]["finetune"]
+    assert saved["seed"] == 3 and saved["epochs"] == 2 and saved["augment"]["noise"] == 0.02
+    assert FinetuneConfig.from_dict(saved) == FinetuneConfig(**{**config.__dict__, "seed": 3})
+    assert FinetuneConfig.from_dict(load_adapter(folder, tiny_afloc).config.finetune).seed == 3
+
+
+def test_invalid_settings_name_the_setting(tiny_afloc, examples):
+    from afloc_engine.errors import ConfigError
+    from afloc_engine.finetune import FinetuneConfig
+
+    with pytest.raises(ConfigError, match="epochs must be >= 0"):
+        finetune(tiny_afloc, examples[:1], "blob", epochs=-1)
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        FinetuneConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="blend_grid"):
+        FinetuneConfig(blend_grid=(0.5, -1.0))
+    with pytest.raises(ConfigError, match="unknown fine-tuning setting 'epoch'"):
+        FinetuneConfig.from_dict({"epoch": 3})
+    with pytest.raises(TypeError, match="'epoch'"):  # a misspelt option, as before the config existed
+        finetune(tiny_afloc, examples[:1], "blob", epoch=3)
+
+
+def test_progress_reports_every_phase_in_order_up_to_the_total(tiny_afloc, examples):
+    events = []
+    finetune(tiny_afloc, examples[:4], "blob", epochs=4, cv_folds=2, progress=events.append)
+    phases = [e["phase"] for e in events]
+    assert phases[0] == "encode" and "train" in phases and phases[-2:] == ["validate", "validate"]
+    assert [e["fold"] for e in events if e["phase"] == "validate"] == [1, 2]
+    steps = [e["step"] for e in events]
+    assert steps == sorted(steps) and all(e["total"] == events[0]["total"] for e in events)
+    assert steps[-1] <= events[0]["total"]

@@ -3,7 +3,7 @@
 >>> import afloc_engine
 >>> model = afloc_engine.load_model("default")                                   # doctest: +SKIP
 >>> adapter = afloc_engine.finetune(model, [("a.png", "a_mask.png")], "ground glass opacity",
-...                                 out_dir="adapters")                          # doctest: +SKIP
+...                                 out_dir="adapters", epochs=50)               # doctest: +SKIP
 >>> model.localize("b.png", "Findings suggesting ground glass opacity", adapter=adapter)  # doctest: +SKIP
 >>> adapter = afloc_engine.load_adapter("adapters/ground_glass_opacity-20250101-120000", model)  # doctest: +SKIP
 
@@ -25,7 +25,8 @@ from afloc_engine.finetune.adapter import (
     load_adapter,
     localize_with_adapter,
 )
-from afloc_engine.finetune.data import AugmentConfig, Example, check_mask, parse_examples
+from afloc_engine.finetune.config import FinetuneConfig
+from afloc_engine.finetune.data import Example, FinetuneAugmentConfig, check_mask, parse_examples
 from afloc_engine.finetune.head import AdapterHead, HeadConfig
 from afloc_engine.finetune.train import FinetuneCancelled, finetune
 
@@ -33,9 +34,10 @@ __all__ = [
     "Adapter",
     "AdapterConfig",
     "AdapterHead",
-    "AugmentConfig",
     "Example",
+    "FinetuneAugmentConfig",
     "FinetuneCancelled",
+    "FinetuneConfig",
     "HeadConfig",
     "check_mask",
     "create_adapter",

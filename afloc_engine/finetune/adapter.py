@@ -113,6 +113,10 @@ class AdapterConfig:
     wild fit cannot drag the map; the middle two averaged for an even count) or ``mean`` (what
     adapters saved before the median existed use)."""
     training: dict[str, Any] = field(default_factory=dict)
+    """What the fine-tuning run did (epochs, views per example, folds run ...)."""
+    finetune: dict[str, Any] = field(default_factory=dict)
+    """The settings it was asked for: ``FinetuneConfig.to_dict()`` (``FinetuneConfig.from_dict`` reads it back;
+    empty for adapters saved before it was recorded)."""
 
     def __post_init__(self) -> None:
         if self.head_resolution <= 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from afloc_engine.errors import DataError, ImageReadError
+from afloc_engine.errors import ConfigError, DataError, ImageReadError
 from afloc_engine.io import ImageData, read_image
 
 MaskInput = str | Path | np.ndarray | ImageData
@@ -169,11 +169,12 @@ def parse_examples(examples: Sequence[Any], findings: list[str]) -> list[Example
 
 # --- augmentation -------------------------------------------------------------------------------
 @dataclass
-class AugmentConfig:
+class FinetuneAugmentConfig:
     """Few-shot augmentation: small affine, intensity; flips only where anatomy allows.
 
     Angles in degrees, translation as a fraction of the image side, gamma as a log-range.
-    Left-right flips are off by default: chest anatomy is not mirror-symmetric.
+    Left-right flips are off by default: chest anatomy is not mirror-symmetric. (The offline
+    trainer's image augmentation is :class:`training.config.TrainAugmentConfig`.)
     """
 
     rotate_deg: float = 7.0
@@ -192,8 +193,17 @@ class AugmentConfig:
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FinetuneAugmentConfig:
+        """The inverse of :meth:`to_dict`; raises :class:`ConfigError` naming an unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown few-shot augmentation setting {unknown[0]!r}")
+        return cls(**data)
 
-def affine_matrix(rng: np.random.Generator, cfg: AugmentConfig, flips: bool = True) -> np.ndarray:
+
+def affine_matrix(rng: np.random.Generator, cfg: FinetuneAugmentConfig, flips: bool = True) -> np.ndarray:
     """A random 2x3 affine (normalised coordinates, as ``F.affine_grid`` takes) within the config's ranges."""
     angle = math.radians(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg))
     scale = math.exp(rng.uniform(-cfg.scale, cfg.scale))
@@ -205,7 +215,7 @@ def affine_matrix(rng: np.random.Generator, cfg: AugmentConfig, flips: bool = Tr
 
 
 def augment_view(
-    image01: torch.Tensor, masks: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfig
+    image01: torch.Tensor, masks: torch.Tensor, rng: np.random.Generator, cfg: FinetuneAugmentConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One augmented view of an image in [0, 1] (H, W) and its masks (F, H, W) in [0, 1].
 
