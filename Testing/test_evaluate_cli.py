@@ -42,7 +42,7 @@ def test_covid_end_to_end_with_model_and_baselines(model_dir, tmp_path, capsys):
     )
     assert code == 0
     result = json.loads((out / "evaluation.json").read_text())
-    assert [m["name"] for m in result["methods"]] == ["tiny", "constant", "prior"]
+    assert [m["name"] for m in result["methods"]] == ["tiny", "constant", "prior", "lung_field"]
     assert result["dataset"]["counts"]["ground_glass_opacity"] == {
         "positive_listed": 2,
         "negative_listed": 1,
@@ -60,7 +60,7 @@ def test_covid_end_to_end_with_model_and_baselines(model_dir, tmp_path, capsys):
     assert "## consolidation (1 positive images, 2 negatives)" in md and "img_d" in md
     for name in ("cases_ground_glass_opacity.png", "cases_consolidation.png"):
         with Image.open(out / name) as png:
-            assert png.size[0] == 4 * 192  # image with ground truth, the model, two baselines
+            assert png.size[0] == 5 * 192  # image with ground truth, the model, three baselines
     # a second run replaces its own previous output
     assert run("--data", str(data), "--split", "dev", "--out", str(out), "--baselines", "prior") == 0
     assert [m["name"] for m in json.loads((out / "evaluation.json").read_text())["methods"]] == ["prior"]
@@ -181,7 +181,7 @@ def test_progress_json_lines(tmp_path, capsys):
     data = write_covid(tmp_path / "d")
     assert main(["evaluate", "--data", str(data), "--progress", "json", "--bootstrap", "20", "--split", "dev"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert lines[-1]["event"] == "done" and lines[-1]["methods"] == ["constant", "prior"]
+    assert lines[-1]["event"] == "done" and lines[-1]["methods"] == ["constant", "prior", "lung_field"]
     assert any(line["event"] == "progress" for line in lines)
 
 
@@ -215,3 +215,47 @@ def test_real_covid_dev_split_baselines(shared_data, tmp_path, capsys):
         {r["image_id"] for r in rows} - {r["image_id"] for r in rows if r["class"] == "consolidation"}
     )
     assert (out / "cases_ground_glass_opacity.png").is_file()
+
+
+@pytest.mark.shared_data
+def test_real_chestx_det_specificity_prompt_blind_baselines_score_chance(shared_data, tmp_path, capsys):
+    """ChestX-Det outlines: the 13 candidate prompts, 11 findings with >= 3 outlines, and a baseline that
+    ignores the prompt ranks its own finding exactly at chance (1/13, rank 7); effusion localised beside it."""
+    out = tmp_path / "cx"
+    code = run(
+        *("--data", str(shared_data / "chestx-det-nih"), "--baselines", "prior", "--finding", "effusion"),
+        *("--specificity", "--shuffles", "20", "--out", str(out), "--cases", "0"),
+    )
+    assert code == 0
+    capsys.readouterr()
+    result = json.loads((out / "evaluation.json").read_text())
+    spec = result["specificity"]
+    assert len(spec["candidates"]) == 13 and spec["n_images"] == 100
+    assert spec["outlines"]["consolidation"] == 54 and spec["outlines"]["effusion"] == 40
+    assert len(spec["counted"]) == 11  # mass has no outline, diffuse nodule 2
+    prior = spec["results"]["prior"]
+    assert prior["model"]["top1"]["mean"] == pytest.approx(1 / 13)
+    assert prior["model"]["mean_rank"]["mean"] == pytest.approx(7.0)
+    assert result["results"]["prior"]["findings"]["effusion"]["n_images"] == 40
+    assert (
+        "## Prompt specificity (chestx-det-nih: 100 images, 13 candidate prompts)"
+        in (out / "evaluation.md").read_text()
+    )
+
+
+@pytest.mark.shared_data
+def test_real_tbx11k_heldout_part_is_fixed(shared_data, tmp_path, capsys):
+    """The held-out TBX11K part is the same 189 images in every run (training leaves exactly these out)."""
+    out = tmp_path / "tb"
+    code = run(
+        *("--data", str(shared_data / "tbx11k-tb"), "--split", "dev", "--baselines", "constant,prior"),
+        *("--out", str(out), "--cases", "0"),
+    )
+    assert code == 0
+    capsys.readouterr()
+    result = json.loads((out / "evaluation.json").read_text())
+    counts = result["dataset"]["counts"]["tuberculosis"]
+    assert counts["positive_listed"] == counts["positive_evaluated"] == 189
+    assert result["findings"] == ["tuberculosis"]
+    ids = sorted({r["image_id"] for r in result["per_image"]["prior"]["localization"]})
+    assert ids[:3] == ["tb0027", "tb0028", "tb0050"]

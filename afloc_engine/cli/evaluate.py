@@ -1,10 +1,14 @@
 """``afloc evaluate``: the AFLoc paper's localisation protocol on a dataset with masks or boxes.
 
-    afloc evaluate --model M [--model M2 ...] --data DIR --split dev [--format covid|nih-bbox|rsna]
-                   [--images DIR] [--prompts FILE] [--finding NAME ...] [--out DIR]
-                   [--baselines constant,prior] [--bootstrap 1000] [--seed 0] [--progress bar|json|none]
+    afloc evaluate --model M [--model M2 ...] --data DIR --split dev
+                   [--format covid|nih-bbox|rsna|tbx11k|chestx-det|nih-labels]
+                   [--images DIR] [--prompts FILE] [--finding NAME ...] [--out DIR] [--specificity]
+                   [--baselines constant,prior,lung_field] [--bootstrap 1000] [--seed 0] [--progress bar|json|none]
 
-Models and baselines (a constant heatmap and a fixed lung-field prior) run on the same images.
+Models and baselines (a constant heatmap, a fixed lung-field prior and each image's own lung-field
+estimate) run on the same images. ``--specificity`` adds prompt specificity and invariance
+(:mod:`afloc_engine.evaluation.prompt_specificity`) on a set with outlines of several findings
+(``chestx-det-nih``). An image-label set (``nih-cxr14-sample``) gives AUROC only.
 Prints the markdown tables; with ``--out`` writes ``evaluation.md``, ``evaluation.json`` and
 ``cases_<finding>.png``. What was skipped and why goes to stderr and into both reports; exit
 code 2 when nothing could be evaluated.
@@ -29,7 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data", type=Path, required=True, help="dataset folder (covid-cxr layout) or box CSV")
     parser.add_argument("--split", default=None, help="split to evaluate (covid-cxr: dev); default: every image")
-    parser.add_argument("--format", choices=("covid", "nih-bbox", "rsna"), default=None, help="default: detected")
+    parser.add_argument(
+        "--format",
+        choices=("covid", "nih-bbox", "rsna", "tbx11k", "chestx-det", "nih-labels"),
+        default=None,
+        help="default: detected",
+    )
     parser.add_argument("--images", type=Path, default=None, help="image folder of a box CSV (default: beside it)")
     parser.add_argument(
         "--box-frame",
@@ -39,7 +48,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, default=None, help="JSON/YAML file: finding -> prompts")
     parser.add_argument("--finding", action="append", default=[], help="finding to evaluate (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="output folder for evaluation.md/.json and PNGs")
-    parser.add_argument("--baselines", default="constant,prior", help="comma list of constant, prior; or 'none'")
+    parser.add_argument(
+        "--baselines",
+        default="constant,prior,lung_field",
+        help="comma list of constant, prior, lung_field; or 'none'",
+    )
+    parser.add_argument(
+        "--specificity",
+        action="store_true",
+        help="also measure prompt specificity and invariance (a set with outlines of several findings)",
+    )
+    parser.add_argument("--shuffles", type=int, default=1000, help="shuffled-image null draws (--specificity)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument(
@@ -132,6 +151,20 @@ def run(args: argparse.Namespace) -> int:
         if report:
             print(f"afloc evaluate: {report}", file=sys.stderr)
         raise
+    if args.specificity:
+        from afloc_engine.evaluation.predictors import baseline_predictors
+        from afloc_engine.evaluation.prompt_specificity import evaluate_specificity
+
+        result["specificity"] = evaluate_specificity(
+            [*models, *baseline_predictors(baselines)],
+            dataset,
+            prompts,
+            n_bootstrap=args.bootstrap,
+            n_shuffles=max(0, args.shuffles),
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=args.progress,
+        )
     report = skip_report(result)
     if report:
         print(f"afloc evaluate: {report}", file=sys.stderr)

@@ -234,6 +234,16 @@ def score_specificity(
     return out
 
 
+def _nan_stat(values: np.ndarray, fn: Any) -> Any:  # noqa: ANN401
+    """``fn`` of the finite values (a float or a list of floats); None when there is none (constant maps)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return None
+    out = fn(v)
+    return [float(x) for x in out] if np.ndim(out) else float(out)
+
+
 # --- the evaluation -------------------------------------------------------------------------------
 def specificity_prompts(
     candidates: Sequence[str], prompts: Mapping[str, Sequence[EvalPrompt | str]] | None = None
@@ -378,9 +388,9 @@ def evaluate_specificity(
             entry["per_prompt"] = {
                 candidates[g]: {
                     "prompt": prompt_list[g],
-                    "specificity_mean": float(np.nanmean(spec[:, g])),
-                    "lung_correlation_mean": float(np.nanmean(lung_r[:, g])),
-                    "lung_correlation_p10_p50_p90": [float(v) for v in np.nanpercentile(lung_r[:, g], [10, 50, 90])],
+                    "specificity_mean": _nan_stat(spec[:, g], np.mean),
+                    "lung_correlation_mean": _nan_stat(lung_r[:, g], np.mean),
+                    "lung_correlation_p10_p50_p90": _nan_stat(lung_r[:, g], lambda v: np.percentile(v, [10, 50, 90])),
                     "warned_fraction": float(
                         np.mean(
                             (lung_r[:, g] >= LUNG_WARN_R) | (np.nan_to_num(spec[:, g], nan=9.0) <= SPECIFICITY_WARN)

@@ -106,6 +106,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines.append("")
         if any(m.get("kind") != "baseline" for m in result["methods"]):
             lines += ["Prompts: " + "; ".join(f'{p["kind"]}: "{p["text"]}"' for p in result["prompts"][f]), ""]
+    if result.get("specificity"):
+        from afloc_engine.evaluation.prompt_specificity import specificity_markdown
+
+        lines += [specificity_markdown(result["specificity"])]
     lines += _skip_lines(result)
     if result.get("notes"):
         lines += ["## Notes", "", *[f"- {n}" for n in result["notes"]], ""]
