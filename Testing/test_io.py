@@ -96,3 +96,229 @@ def test_bad_files_raise_one_clear_error_naming_the_file(tmp_path, sample_dicom,
         read_image(path)
     assert EXPECTED[kind] in str(err.value)
     assert str(path) in str(err.value)
+
+
+# ---- DICOM read as Slicer reads it (issue 13) ------------------------------------------------------------
+
+
+def _testdata(name: str):
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"{name} is not in pydicom-data")
+    return path
+
+
+def _sitk_array(path) -> np.ndarray:
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[0]
+
+
+def test_single_dicom_file_keeps_its_3d_place():
+    path = _testdata("CT_small.dcm")
+    ds = pydicom.dcmread(path)
+    image = read_image(path)
+    origin, spacing, direction = image.frame3d()
+    assert origin == pytest.approx([float(v) for v in ds.ImagePositionPatient])
+    assert spacing[:2] == pytest.approx([float(ds.PixelSpacing[1]), float(ds.PixelSpacing[0])])
+    np.testing.assert_allclose(direction, np.eye(3), atol=1e-6)
+    # the heatmap written from it is a one-slice 3D image at the same place, as SimpleITK reads the input
+    written = image.to_sitk()
+    ref = sitk.ReadImage(path)
+    assert written.GetSize() == ref.GetSize() and written.GetOrigin() == pytest.approx(ref.GetOrigin())
+
+
+def test_oblique_dicom_direction_comes_from_image_orientation():
+    path = _testdata("MR2_UNCR.dcm")
+    iop = [float(v) for v in pydicom.dcmread(path, stop_before_pixels=True).ImageOrientationPatient]
+    _, _, direction = read_image(path).frame3d()
+    np.testing.assert_allclose(direction[:, 0], iop[:3], atol=1e-6)  # along a row (i)
+    np.testing.assert_allclose(direction[:, 1], iop[3:], atol=1e-6)  # down a column (j)
+    np.testing.assert_allclose(direction[:, 2], np.cross(iop[:3], iop[3:]), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["JPEG-LL.dcm", "JPEG-lossy.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm"])
+def test_compressed_dicom_decodes_quietly_to_gdcms_values(name, capfd):
+    path = _testdata(name)
+    reference = _sitk_array(path).astype(np.float32)
+    capfd.readouterr()
+    image = read_image(path)
+    assert capfd.readouterr().err == ""  # no pydicom traceback, no pylibjpeg or GDCM messages
+    np.testing.assert_array_equal(image.array, reference)
+
+
+def test_gdcm_decodes_when_pydicom_cannot_and_the_picture_is_the_same(monkeypatch):
+    """Without working pydicom plug-ins (a plain install, an unusual codec) GDCM decodes; MONOCHROME1
+    is then inverted by ITK, and the window follows, so the displayed picture is identical."""
+    import afloc_engine.io.dicom as dicom_io
+    from afloc_engine.transforms import normalize_intensity
+
+    path = _testdata("RG1_UNCR.dcm")
+    by_pydicom = read_image(path)
+
+    def no_plugins(*args, **kwargs):
+        raise RuntimeError("Unable to decode: no pixel data handlers are available")
+
+    monkeypatch.setattr(dicom_io, "_pydicom_pipeline", no_plugins)
+    by_gdcm = read_image(path)
+    assert (by_pydicom.meta["decoder"], by_gdcm.meta["decoder"]) == ("pydicom", "gdcm")
+    shown_a = normalize_intensity(by_pydicom.array, by_pydicom.window)
+    shown_b = normalize_intensity(by_gdcm.array, by_gdcm.window)
+    np.testing.assert_allclose(shown_a, shown_b, atol=1e-6)
+
+
+def test_undecodable_dicom_is_one_clear_error(tmp_path):
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(_testdata("JPEG-LL.dcm"))
+    noise = np.random.default_rng(0).integers(0, 255, 4000, dtype=np.uint8).tobytes()
+    ds.PixelData = encapsulate([b"\xff\xd8" + noise + b"\xff\xd9"])  # a JPEG stream no decoder can read
+    bad = tmp_path / "broken.dcm"
+    ds.save_as(bad)
+    with pytest.raises(ImageReadError) as err:
+        read_image(bad)
+    message = str(err.value)
+    assert "\n" not in message and str(bad) in message and "cannot decode the DICOM pixel data" in message
+
+
+def test_palette_colour_is_applied_and_kept():
+    path = _testdata("OBXXXX1A.dcm")
+    indices = pydicom.dcmread(path).pixel_array
+    image = read_image(path)
+    assert image.rgb is not None and image.rgb.shape == (*indices.shape, 3) and image.rgb.dtype == np.uint8
+    np.testing.assert_array_equal(image.rgb, _sitk_array(path))  # GDCM applies the same colour table
+    np.testing.assert_allclose(image.array, image.rgb @ np.array([0.299, 0.587, 0.114]), atol=1e-3)
+    assert not np.array_equal(image.array, indices.astype(np.float32))  # not the raw palette indices
+
+
+def test_modality_lut_sequence_and_voi_lut_sequence_are_applied():
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(_testdata("mlut_18.dcm"))
+    np.testing.assert_allclose(read_image(_testdata("mlut_18.dcm")).array, apply_modality_lut(ds.pixel_array, ds))
+    ds = pydicom.dcmread(_testdata("vlut_04.dcm"))
+    image = read_image(_testdata("vlut_04.dcm"))
+    np.testing.assert_allclose(image.array, apply_voi_lut(ds.pixel_array, ds))
+    bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+    assert image.window == (0.0, 2.0**bits - 1)
+
+
+def test_window_follows_voi_lut_function():
+    from afloc_engine.io.dicom import dicom_window
+
+    ds = pydicom.Dataset()
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    assert dicom_window(ds) == (40 - 0.5 - 399 / 2, 40 - 0.5 + 399 / 2)
+    ds.VOILUTFunction = "LINEAR_EXACT"
+    assert dicom_window(ds) == (-160.0, 240.0)
+
+
+def _series_file(template, folder, number, rows=None):
+    ds = template.copy()
+    ds.InstanceNumber = number
+    ds.ImagePositionPatient = [0.0, 0.0, float(number)]
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    if rows is not None:
+        ds.Rows = ds.Columns = rows
+        ds.PixelData = np.zeros((rows, rows), np.int16).tobytes()
+    ds.save_as(folder / f"slice{number}.dcm")
+
+
+def test_series_whose_files_differ_in_size_is_one_clear_error(tmp_path, capfd):
+    template = pydicom.dcmread(_testdata("MR_small.dcm"))
+    for n in (1, 2, 3):
+        _series_file(template, tmp_path, n)
+    _series_file(template, tmp_path, 4, rows=32)
+    capfd.readouterr()
+    with pytest.raises(ImageReadError) as err:
+        read_image(tmp_path)
+    message = str(err.value)
+    assert "differ in size" in message and "64x64 px (3 files)" in message and "32x32 px (1 file)" in message
+    assert "\n" not in message and capfd.readouterr().err == ""  # no ITK dump
+
+
+def test_series_folder_reads_as_a_volume_with_gdcm_geometry(tmp_path):
+    template = pydicom.dcmread(_testdata("MR_small.dcm"))
+    for n in (1, 2, 3):
+        _series_file(template, tmp_path, n)
+    image = read_image(tmp_path)
+    assert image.is_volume and image.array.shape == (3, 64, 64)
+    assert image.spacing[2] == pytest.approx(1.0) and image.origin[2] == pytest.approx(1.0)
+
+
+# ---- rasters ------------------------------------------------------------------------------------------------
+
+
+def test_float_and_16_bit_tiff_keep_their_values(tmp_path):
+    radiograph = np.linspace(0, 1, 64 * 80, dtype=np.float32).reshape(64, 80)
+    Image.fromarray(radiograph, mode="F").save(tmp_path / "float.tif")
+    image = read_image(tmp_path / "float.tif")
+    np.testing.assert_array_equal(image.array, radiograph)  # not two grey levels
+    assert len(np.unique(image.array)) == radiograph.size
+    a16 = (np.arange(64 * 80).reshape(64, 80) * 12).astype(np.uint16)
+    Image.fromarray(a16).save(tmp_path / "a16.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "a16.tif").array, a16.astype(np.float32))
+
+
+def test_rgb_channels_are_kept_for_colour_models(tmp_path):
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    rgb[..., 0], rgb[..., 2] = 200, 30
+    Image.fromarray(rgb).save(tmp_path / "fundus.png")
+    image = read_image(tmp_path / "fundus.png")
+    np.testing.assert_array_equal(image.rgb, rgb)
+    assert image.array.mean() == pytest.approx(0.299 * 200 + 0.114 * 30, abs=0.01)  # grey models: luminance
+    assert image.with_array(np.zeros((40, 50), np.float32)).rgb is None  # a heatmap does not carry colour
+    palette = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    palette.save(tmp_path / "palette.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "palette.png").rgb, rgb)
+    Image.fromarray(np.full((16, 16), 7, np.uint8)).save(tmp_path / "grey.png")
+    assert read_image(tmp_path / "grey.png").rgb is None
+
+
+def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch):
+    from afloc_engine.io import MAX_PIXELS
+
+    big = tmp_path / "big.png"
+    Image.new("1", (12000, 8000)).save(big)  # 96 megapixels, a few kB on disk
+    with pytest.raises(ImageReadError) as err:
+        read_image(big)
+    assert f"limit of {MAX_PIXELS / 1e6:g} megapixels" in str(err.value) and "12000x8000" in str(err.value)
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 10000)).save(bomb)  # 200 megapixels: Pillow's DecompressionBombError
+    with pytest.raises(ImageReadError, match="too large"):
+        read_image(bomb)
+    monkeypatch.setenv("AFLOC_MAX_PIXELS", "1000")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "small.png")
+    with pytest.raises(ImageReadError, match="too large"):
+        read_image(tmp_path / "small.png")
+    with pytest.raises(ImageReadError, match="too large"):
+        read_image(_testdata("CT_small.dcm"))  # 128 x 128 DICOM: checked from the header
+
+
+# ---- NRRD / NIfTI -------------------------------------------------------------------------------------------
+
+
+def test_nifti2_through_nibabel_keeps_its_oblique_frame(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    angle = np.deg2rad(30)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    ) @ np.diag([0.8, 0.9, 2.5])
+    affine[:3, 3] = [10, -20, 30]
+    data = np.random.default_rng(0).random((20, 16, 6)).astype(np.float32)
+    nib.save(nib.Nifti2Image(data, affine), tmp_path / "v2.nii")
+    image = read_image(tmp_path / "v2.nii")
+    from afloc_engine.outputs import ijk_to_lps
+
+    np.testing.assert_allclose(ijk_to_lps(image), np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine, atol=1e-5)
+    np.testing.assert_array_equal(image.array, data.transpose(2, 1, 0))
+
+
+def test_rgb_nrrd_keeps_its_channels(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "tile.nrrd"))
+    image = read_image(tmp_path / "tile.nrrd")
+    np.testing.assert_array_equal(image.rgb, rgb)
+    assert image.array.shape == (30, 40)

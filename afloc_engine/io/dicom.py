@@ -67,8 +67,8 @@ def read_dicom_file(path: Path) -> ImageData:
     except errors as err:
         raise ImageReadError(f"cannot read DICOM (truncated or not DICOM?): {first_line(err)}", path) from None
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        kind = str(getattr(ds, "Modality", "") or "").strip() or "this"
-        raise ImageReadError(f"DICOM file holds no image (pixel data missing; a {kind} object?)", path)
+        kind = str(getattr(ds, "Modality", "") or "").strip()
+        raise ImageReadError(f"DICOM file holds no image (no pixel data{f'; a {kind} object' if kind else ''})", path)
     rows, columns = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
     check_pixel_limit(columns, rows, path)
     frames = _frames(ds)
@@ -132,7 +132,9 @@ def _decode(ds: Any, path: Path) -> tuple[np.ndarray, np.ndarray | None, str, tu
         grey, rgb, window = _pydicom_pipeline(ds, raw)
         return grey, rgb, "pydicom", window
     except Exception as err:  # pydicom and its plug-ins raise assorted types for data they cannot decode  # noqa: BLE001
-        pydicom_error = first_line(err)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # "Unable to decode as exceptions were raised by all available plugins:" -> the first plug-in's reason
+        pydicom_error = lines[1] if len(lines) > 1 and lines[0].endswith(":") else first_line(err)
     try:
         grey, rgb, window = _sitk_pixels(ds, path)
     except ImageReadError as err:

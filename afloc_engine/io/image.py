@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -243,7 +244,9 @@ def first_line(err: BaseException | str) -> str:
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     if not lines:
         return type(err).__name__ if isinstance(err, BaseException) else ""
+    chosen = lines[0]
     for line in lines:
         if "ERROR" in line or "rror:" in line:
-            return line.split("ERROR:", 1)[-1].strip() if "ERROR:" in line else line
-    return lines[0]
+            chosen = line.split("ERROR:", 1)[-1].strip() if "ERROR:" in line else line
+            break
+    return re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", chosen)  # ITK's "GDCMImageIO(0x55d...): " prefix
