@@ -1,0 +1,169 @@
+"""Every figure the docs quote equals the number in the committed result file it came from.
+
+``FIGURES`` is the registry: (page, a piece of the page's text holding the figure, the figure as written,
+result file, key path, scale). The piece must occur in the page (so a figure edited in the text without
+its file, or the other way round, fails here), and the figure must equal ``value * scale`` rounded to the
+figure's own decimals. A page quoting a new figure adds a row; a re-run benchmark that moves a figure
+fails this test until the page is updated.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO
+
+EVAL = "docs/results/default_dev/evaluation.json"
+GGO = "results/default/findings/ground_glass_opacity/kinds/simple"
+CONST = "results/constant/findings/ground_glass_opacity/kinds/all"
+PRIOR = "results/prior/findings/ground_glass_opacity/kinds/all"
+BACKBONES = "docs/results/backbones_stage1/evaluation.json"
+EFF = "results/model/findings/ground_glass_opacity/kinds/simple"
+RES = "results/model_2/findings/ground_glass_opacity/kinds/simple"
+ENGINE_CPU = "benchmarks/results/engine_cpu.json"
+ENGINE_GPU = "docs/results/engine_gpu.json"
+VOL_DEF = "docs/results/volume_gpu_default.json"
+VOL_RES = "docs/results/volume_gpu_resnet50.json"
+MANIFEST = "afloc_engine/weights/manifest.json"
+R = "README.md"
+
+# (page, text around the figure, the figure, result file, key path, scale)
+FIGURES: list[tuple[str, str, str, str, str, float]] = [
+    # the default model on covid-cxr dev (afloc evaluate)
+    (R, "| **0.252** [0.205, 0.303] |", "0.252", EVAL, f"{GGO}/iou/mean", 1),
+    (R, "| **0.252** [0.205, 0.303] |", "0.205", EVAL, f"{GGO}/iou/ci/0", 1),
+    (R, "| **0.252** [0.205, 0.303] |", "0.303", EVAL, f"{GGO}/iou/ci/1", 1),
+    (R, "| **1.22** [1.12, 1.32] | 0.52 |", "1.22", EVAL, f"{GGO}/cnr/mean", 1),
+    (R, "| **1.22** [1.12, 1.32] | 0.52 |", "1.12", EVAL, f"{GGO}/cnr/ci/0", 1),
+    (R, "| **1.22** [1.12, 1.32] | 0.52 |", "1.32", EVAL, f"{GGO}/cnr/ci/1", 1),
+    (R, "| **1.22** [1.12, 1.32] | 0.52 |", "0.52", EVAL, f"{GGO}/pointing/mean", 1),
+    (R, "| 0.165 [0.134, 0.198] | 0.96 [0.84, 1.08] | 0.37 |", "0.165", EVAL, f"{PRIOR}/iou/mean", 1),
+    (R, "| 0.165 [0.134, 0.198] | 0.96 [0.84, 1.08] | 0.37 |", "0.134", EVAL, f"{PRIOR}/iou/ci/0", 1),
+    (R, "| 0.165 [0.134, 0.198] | 0.96 [0.84, 1.08] | 0.37 |", "0.198", EVAL, f"{PRIOR}/iou/ci/1", 1),
+    (R, "| 0.165 [0.134, 0.198] | 0.96 [0.84, 1.08] | 0.37 |", "0.96", EVAL, f"{PRIOR}/cnr/mean", 1),
+    (R, "| 0.165 [0.134, 0.198] | 0.96 [0.84, 1.08] | 0.37 |", "0.84", EVAL, f"{PRIOR}/cnr/ci/0", 1),
+    (R, "| 0.165 [0.134, 0.198] | 0.96 [0.84, 1.08] | 0.37 |", "1.08", EVAL, f"{PRIOR}/cnr/ci/1", 1),
+    (R, "| 0.165 [0.134, 0.198] | 0.96 [0.84, 1.08] | 0.37 |", "0.37", EVAL, f"{PRIOR}/pointing/mean", 1),
+    (R, "| 0.118 [0.094, 0.144] | 0 | 0.12 |", "0.118", EVAL, f"{CONST}/iou/mean", 1),
+    (R, "| 0.118 [0.094, 0.144] | 0 | 0.12 |", "0.094", EVAL, f"{CONST}/iou/ci/0", 1),
+    (R, "| 0.118 [0.094, 0.144] | 0 | 0.12 |", "0.144", EVAL, f"{CONST}/iou/ci/1", 1),
+    (R, "| 0.118 [0.094, 0.144] | 0 | 0.12 |", "0", EVAL, f"{CONST}/cnr/mean", 1),
+    (R, "| 0.118 [0.094, 0.144] | 0 | 0.12 |", "0.12", EVAL, f"{CONST}/pointing/mean", 1),
+    # ResNet-50 vs EfficientNet-Lite0 (scripts/compare_backbones.sh)
+    (R, "same IoU (0.205 vs 0.209)", "0.205", BACKBONES, f"{RES}/iou/mean", 1),
+    (R, "same IoU (0.205 vs 0.209)", "0.209", BACKBONES, f"{EFF}/iou/mean", 1),
+    (R, "CNR (1.08 vs 1.17)", "1.08", BACKBONES, f"{RES}/cnr/mean", 1),
+    (R, "CNR (1.08 vs 1.17)", "1.17", BACKBONES, f"{EFF}/cnr/mean", 1),
+    (R, "(34 % vs 57 %;", "34", BACKBONES, f"{RES}/pointing/mean", 100),
+    (R, "(34 % vs 57 %;", "57", BACKBONES, f"{EFF}/pointing/mean", 100),
+    # the shipped weights
+    (R, "fp16 safetensors, 7.8 MB;", "7.8", MANIFEST, "models/0/size", 1e-6),
+    # engine benchmark on the CPU (benchmarks/engine.py)
+    (R, "**1.6× / 3.1× / 6.6× faster**", "1.6", ENGINE_CPU, "loss/0/speedup", 1),
+    (R, "**1.6× / 3.1× / 6.6× faster**", "3.1", ENGINE_CPU, "loss/1/speedup", 1),
+    (R, "**1.6× / 3.1× / 6.6× faster**", "6.6", ENGINE_CPU, "loss/2/speedup", 1),
+    (R, "max difference 4.8e-07", "4.8e-07", ENGINE_CPU, "loss/2/max_abs_diff", 1),
+    (R, "2 cores of an AMD EPYC (23.5 GiB)", "2", ENGINE_CPU, "machine/cpu_cores", 1),
+    (R, "2 cores of an AMD EPYC (23.5 GiB)", "23.5", ENGINE_CPU, "machine/memory_gib", 1),
+    (R, "| 7.69 s / 27.53 s on that loaded machine |", "7.69", ENGINE_CPU, "cold_start/import_s", 1),
+    (R, "| 7.69 s / 27.53 s on that loaded machine |", "27.53", ENGINE_CPU, "cold_start/load_s", 1),
+    (R, "| 13.75 s / 21.80 s on that loaded machine |", "13.75", ENGINE_CPU, "cold_start/localize_13_prompts_s", 1),
+    (
+        R,
+        "| 13.75 s / 21.80 s on that loaded machine |",
+        "21.80",
+        ENGINE_CPU,
+        "cold_start/localize_13_new_prompts_s",
+        1,
+    ),
+    (R, "| **867 MB** |", "867", ENGINE_CPU, "cold_start/peak_rss_mb", 1),
+    # engine benchmark on the H100
+    (R, "**12269** radiographs/s", "12269", ENGINE_GPU, "gpu_batch/0/radiographs_per_s", 1),
+    (R, "**5815**/s with the ResNet-50", "5815", ENGINE_GPU, "gpu_batch/1/radiographs_per_s", 1),
+    (R, "**8.0× / 12.6× / 10.0× faster**", "8.0", ENGINE_GPU, "loss/0/speedup", 1),
+    (R, "**8.0× / 12.6× / 10.0× faster**", "12.6", ENGINE_GPU, "loss/1/speedup", 1),
+    (R, "**8.0× / 12.6× / 10.0× faster**", "10.0", ENGINE_GPU, "loss/2/speedup", 1),
+    # volumes on the H100 (benchmarks/volume_localize.py)
+    (R, "| **0.36 s** | 1.11 s | 1245 / 1997 |", "0.36", VOL_DEF, "results/0/median_s", 1),
+    (R, "| **0.36 s** | 1.11 s | 1245 / 1997 |", "1.11", VOL_DEF, "results/1/median_s", 1),
+    (R, "| **0.36 s** | 1.11 s | 1245 / 1997 |", "1245", VOL_DEF, "results/0/peak_gpu_mib", 1),
+    (R, "| **0.36 s** | 1.11 s | 1245 / 1997 |", "1997", VOL_DEF, "results/1/peak_gpu_mib", 1),
+    (R, "| **0.44 s** | 0.90 s | 1575 / 2328 |", "0.44", VOL_RES, "results/0/median_s", 1),
+    (R, "| **0.44 s** | 0.90 s | 1575 / 2328 |", "0.90", VOL_RES, "results/1/median_s", 1),
+    (R, "| **0.44 s** | 0.90 s | 1575 / 2328 |", "1575", VOL_RES, "results/0/peak_gpu_mib", 1),
+    (R, "| **0.44 s** | 0.90 s | 1575 / 2328 |", "2328", VOL_RES, "results/1/peak_gpu_mib", 1),
+]
+
+# result files of timing benchmarks: they must say which machine they ran on
+TIMED = [ENGINE_CPU]
+
+
+@cache
+def load(path: str) -> Any:  # noqa: ANN401
+    return json.loads((REPO / path).read_text())
+
+
+def lookup(data: Any, key_path: str) -> Any:  # noqa: ANN401
+    for key in key_path.split("/"):
+        data = data[int(key)] if isinstance(data, list) else data[key]
+    return data
+
+
+def decimals(figure: str) -> int:
+    mantissa = figure.lower().split("e")[0]
+    return len(mantissa.split(".")[1]) if "." in mantissa else 0
+
+
+def matches(figure: str, value: float) -> bool:
+    """Whether ``figure`` (as written) is ``value`` rounded to the figure's own precision."""
+    if "e" in figure.lower():
+        exponent = int(figure.lower().split("e")[1])
+        return round(value / 10**exponent, decimals(figure)) == float(figure.lower().split("e")[0])
+    return round(value, decimals(figure)) == float(figure)
+
+
+@pytest.mark.parametrize(
+    ("page", "piece", "figure", "source", "key_path", "scale"),
+    FIGURES,
+    ids=[f"{p}:{fig}:{src.split('/')[-1]}:{k.split('/')[-2]}/{k.split('/')[-1]}" for p, _, fig, src, k, _ in FIGURES],
+)
+def test_quoted_figure_equals_its_result_file(page, piece, figure, source, key_path, scale):
+    text = (REPO / page).read_text()
+    assert piece in text, f"{page} no longer says {piece!r}: update the registry with the page"
+    assert figure in piece, f"registry row: {figure!r} is not in {piece!r}"
+    value = float(lookup(load(source), key_path)) * scale
+    assert matches(figure, value), f"{page} quotes {figure}; {source} [{key_path}] gives {value}"
+
+
+@pytest.mark.parametrize("source", TIMED)
+def test_timing_results_name_their_machine(source):
+    machine = load(source)["machine"]
+    assert isinstance(machine, dict), f"{source}: machine must be a record (CPU model, cores)"
+    assert machine.get("cpu_model") and int(machine.get("cpu_cores", 0)) >= 1
+    assert machine.get("command", "").startswith("python benchmarks/")
+
+
+def test_every_result_file_quoted_is_committed():
+    import subprocess
+
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split())
+    for source in sorted({row[3] for row in FIGURES}):
+        assert Path(source).as_posix() in tracked, f"{source} is quoted by the docs but not committed"
+
+
+def test_architecture_page_describes_the_shipped_model():
+    """docs/architecture.md's input size, grid and smoothing are those of the shipped default model."""
+    config = load("afloc_engine/weights/default/config.json")["model"]
+    size, sigma = config["image_size"], config["smoothing_sigma"]
+    grid = size // 16
+    assert config["encoder_input_size"] in (None, size)
+    page = (REPO / "docs" / "architecture.md").read_text()
+    assert f"{grid} × {grid}" in page and f"σ = {sigma:g}" in page and f"{size} px" in page
+    for stale in ("299 px", "19 × 19", "σ = 1.5 cells"):
+        assert stale not in page, f"architecture.md still says {stale}"

@@ -1,0 +1,233 @@
+"""The docs run as written: every ```bash / ```python block of README.md, docs/*.md, training/README.md and
+the model card is run, in order, in a scratch copy of the repository, after the README's set-up block.
+
+How a block is run
+    In ``<tmp>/repo``, a mirror of the repository (symlinks to its folders; ``docs/`` and ``benchmarks/``
+    copied, so a documented command that writes results there cannot touch the committed ones), beside
+    ``<tmp>/shared`` -> the shared data, so ``../shared/data`` means what the docs say. ``AFLOC_HOME`` is a
+    scratch folder (installed models and the adapter store). Bash blocks run under ``bash -euo pipefail``
+    after the README's set-up block (the one marked ``# docs-test: setup``: ``./scripts/setup.sh`` and
+    ``source .venv/bin/activate``); python blocks run with the activated ``python``. The blocks of one
+    file share one scratch folder, in file order.
+
+Markers, one comment line in a block (a block in a page another engineer owns can be marked here,
+in ``MARKS``, by its file and a piece of its text)
+    ``# docs-test: skip (REASON)``   never run (a synopsis with placeholders, needs 3D Slicer, the full suite)
+    ``# docs-test: slow``            run only with ``-m slow`` or ``AFLOC_DOCS_SLOW=1`` (takes minutes)
+    ``# docs-test: setup``           the README's set-up, run before every bash block
+A block that names ``../shared/data`` is skipped, with that reason, on a clone without the shared data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SHARED_DATA
+
+PAGES = [
+    "README.md",
+    *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")),
+    "training/README.md",
+    "afloc_engine/weights/default/MODEL_CARD.md",
+]
+FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[A-Za-z]*)[ \t]*$")
+RUNNABLE = {"bash": "bash", "sh": "bash", "shell": "bash", "python": "python", "py": "python"}
+MARKER = re.compile(r"#\s*docs-test:\s*(?P<kind>skip|slow|setup)\b\s*(?:\((?P<reason>[^)]*)\))?")
+
+# blocks in pages this file's owner does not write: (page, a piece of the block's text) -> (kind, reason)
+MARKS: dict[tuple[str, str], tuple[str, str]] = {
+    ("docs/slicer.md", "slicer.util.getModuleLogic"): ("skip", "runs inside 3D Slicer's Python console"),
+    ("docs/results.md", "scripts/run_ablation.py"): ("slow", "trains four models: 10-15 minutes on 2 CPU cores"),
+    ("docs/results.md", "benchmarks/finetune.py"): ("slow", "few-shot benchmark: minutes on 2 CPU cores"),
+    ("docs/results.md", "benchmarks/finetune_ceiling.py"): ("slow", "few-shot ceilings: minutes on 2 CPU cores"),
+    ("afloc_engine/weights/default/MODEL_CARD.md", "training.synthetic"): (
+        "skip",
+        "retrains the default model: about 45 minutes on 2 CPU cores; run it by hand",
+    ),
+}
+TIMEOUT_S = {"fast": 600, "slow": 3600}
+
+
+@dataclass
+class Block:
+    page: str
+    line: int
+    lang: str
+    code: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.page}:{self.line}"
+
+    def marks(self) -> list[tuple[str, str]]:
+        found = [(m["kind"], (m["reason"] or "").strip()) for m in MARKER.finditer(self.code)]
+        found += [mark for (page, piece), mark in MARKS.items() if page == self.page and piece in self.code]
+        return found
+
+    def kind(self) -> tuple[str, str]:
+        """('run' | 'slow' | 'skip' | 'setup', reason)."""
+        marks = dict(self.marks())
+        for kind in ("skip", "setup", "slow"):
+            if kind in marks:
+                return kind, marks[kind]
+        return "run", ""
+
+
+def code_blocks(page: str) -> list[Block]:
+    """The fenced blocks of a markdown page, in order, dedented, with their language."""
+    lines = (REPO / page).read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        start, body = i, []
+        i += 1
+        while i < len(lines) and lines[i].strip() != "```":
+            body.append(lines[i])
+            i += 1
+        blocks.append(Block(page, start + 1, m["lang"].lower(), textwrap.dedent("\n".join(body)) + "\n"))
+        i += 1
+    return blocks
+
+
+def runnable_blocks() -> list[Block]:
+    return [b for page in PAGES for b in code_blocks(page) if b.lang in RUNNABLE]
+
+
+def setup_block() -> Block:
+    setups = [b for b in code_blocks("README.md") if b.kind()[0] == "setup"]
+    assert len(setups) == 1, "README.md needs exactly one set-up block (marked '# docs-test: setup')"
+    return setups[0]
+
+
+def slow_enabled(config: pytest.Config) -> bool:
+    return os.environ.get("AFLOC_DOCS_SLOW") == "1" or "slow" in (config.getoption("-m") or "")
+
+
+# --- the scratch repository --------------------------------------------------------------------------------
+COPIED = ("docs", "benchmarks")
+OUTPUTS = ("out", "runs", "eval", "adapters", "results")
+
+
+@pytest.fixture(scope="module")
+def workspaces(tmp_path_factory):
+    """One scratch repository per page (made on first use)."""
+    made: dict[str, Path] = {}
+
+    def get(page: str) -> Path:
+        if page not in made:
+            root = tmp_path_factory.mktemp("docs")
+            repo = root / "repo"
+            repo.mkdir()
+            for entry in REPO.iterdir():
+                if entry.name in OUTPUTS or entry.name in (".git", ".pytest_cache", ".ruff_cache"):
+                    continue
+                if entry.name in COPIED:
+                    shutil.copytree(entry, repo / entry.name, symlinks=True)
+                else:
+                    (repo / entry.name).symlink_to(entry)
+            if SHARED_DATA.is_dir():
+                (root / "shared").mkdir()
+                (root / "shared" / "data").symlink_to(SHARED_DATA)
+            (root / "home").mkdir()
+            made[page] = repo
+        return made[page]
+
+    return get
+
+
+def environment(repo: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "AFLOC_SHARED_DATA")}
+    venv_bin = str(REPO / ".venv" / "bin")
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    env["AFLOC_HOME"] = str(repo.parent / "home")
+    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["MPLBACKEND"] = "Agg"
+    if SHARED_DATA.is_dir():
+        env["AFLOC_SHARED_DATA"] = str(repo.parent / "shared" / "data")
+    return env
+
+
+def script_for(block: Block) -> str:
+    """The bash script that runs ``block`` after the README's set-up."""
+    setup = setup_block().code
+    if block.lang in ("python", "py"):
+        body = "python - <<'AFLOC_DOCS_PYTHON'\n" + block.code + "AFLOC_DOCS_PYTHON\n"
+    else:
+        body = block.code
+    return "set -euo pipefail\n" + setup + "\n" + body
+
+
+BLOCKS = runnable_blocks()
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
+def test_documented_block_runs_as_written(block: Block, workspaces, request):
+    kind, reason = block.kind()
+    if kind == "skip":
+        pytest.skip(f"{block.id}: {reason or 'marked docs-test: skip'}")
+    if kind == "setup":
+        pytest.skip("the set-up block runs before every other block")
+    if "../shared/data" in block.code and not SHARED_DATA.is_dir():
+        pytest.skip(f"{block.id} needs ../shared/data ({SHARED_DATA} is absent)")
+    if kind == "slow" and not slow_enabled(request.config):
+        pytest.skip(f"{block.id} is slow ({reason or 'minutes'}): run with -m slow or AFLOC_DOCS_SLOW=1")
+    repo = workspaces(block.page)
+    proc = subprocess.run(
+        ["bash", "-c", script_for(block)],
+        cwd=repo,
+        env=environment(repo),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S["slow" if kind == "slow" else "fast"],
+    )
+    assert proc.returncode == 0, (
+        f"{block.id} failed (exit {proc.returncode}):\n{block.code}\n--- stdout ---\n{proc.stdout[-3000:]}"
+        f"\n--- stderr ---\n{proc.stderr[-3000:]}"
+    )
+
+
+# --- what every page must hold, checked without running anything -------------------------------------------
+def test_the_readme_sets_up_and_activates_the_venv_before_any_command():
+    setup = setup_block()
+    assert "./scripts/setup.sh" in setup.code and "source .venv/bin/activate" in setup.code
+    first_command = next(b for b in code_blocks("README.md") if b.lang in RUNNABLE and b.kind()[0] != "setup")
+    assert setup.line < first_command.line or not re.search(r"^(afloc|python)\b", first_command.code, re.M)
+
+
+def test_every_block_is_runnable_or_says_why_not():
+    """Placeholders are marked: a bash or python block either runs, or carries a skip reason."""
+    for block in BLOCKS:
+        kind, reason = block.kind()
+        if kind in ("skip", "slow"):
+            assert reason or kind == "slow", f"{block.id}: a skipped block says why: # docs-test: skip (REASON)"
+    langs = {b.lang for page in PAGES for b in code_blocks(page)}
+    assert langs <= {*RUNNABLE, "", "text", "yaml", "json", "csv"}, f"unexpected block languages: {langs}"
+
+
+def test_documented_outputs_are_git_ignored():
+    """Every folder a documented command writes to (``--out``, ``--run-dir``) is either git-ignored or a
+    committed results folder (docs/results, benchmarks/results)."""
+    if not (REPO / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    outs = set()
+    for block in BLOCKS:
+        if block.lang == "bash":
+            outs |= set(re.findall(r"--(?:out|run-dir)\s+([\w./-]+)", block.code))
+    assert outs, "no documented --out folder found"
+    for out in sorted(outs):
+        if out.startswith(("docs/results", "benchmarks/results", "/", "$", "~")) or out.startswith(".."):
+            continue
+        probe = out.rstrip("/") + "/probe.file"
+        ignored = subprocess.run(["git", "check-ignore", "-q", probe], cwd=REPO).returncode == 0
+        assert ignored, f"documented output {out} is not git-ignored"
