@@ -6,6 +6,7 @@ end, so an error or a kill never leaves a half-written result folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import unicodedata
@@ -59,26 +60,28 @@ def quantize_heatmap(heatmap: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_heatmap(image: ImageData, heatmap: np.ndarray, path: Path) -> None:
+def write_heatmap(image: ImageData, heatmap: np.ndarray, path: Path, quantize: bool = True) -> None:
     """One heatmap ((H, W) or (Z, Y, X), values in [-1, 1]) with the input's geometry, as gzip NRRD
-    (or any SimpleITK format by suffix); values are stored as :func:`quantize_heatmap` gives them."""
+    (or any SimpleITK format by suffix); values are stored as :func:`quantize_heatmap` gives them
+    (``quantize=False``: the caller has done it)."""
     import SimpleITK as sitk
 
-    itk = image.to_sitk(quantize_heatmap(heatmap))
+    itk = image.to_sitk(quantize_heatmap(heatmap) if quantize else np.asarray(heatmap, dtype=np.float32))
     itk.SetMetaData("afloc_value_step", f"{HEATMAP_STEP:.9g}")
     sitk.WriteImage(itk, str(path), True, HEATMAP_COMPRESSION)
 
 
 def _write_heatmaps(image: ImageData, heatmaps: np.ndarray, paths: list[Path]) -> None:
-    """:func:`write_heatmap` for each (heatmap, path), two at a time (gzip runs outside Python's lock)."""
+    """:func:`write_heatmap` of already quantised heatmaps, two at a time (gzip runs outside Python's lock)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if len(paths) < 2:
         for heat, path in zip(heatmaps, paths):
-            write_heatmap(image, heat, path)
+            write_heatmap(image, heat, path, quantize=False)
         return
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for future in [pool.submit(write_heatmap, image, heat, path) for heat, path in zip(heatmaps, paths)]:
+        jobs = [pool.submit(write_heatmap, image, heat, path, False) for heat, path in zip(heatmaps, paths)]
+        for future in jobs:
             future.result()
 
 
@@ -106,23 +109,43 @@ def segment_name(prompt: str) -> str:
 
 
 def write_segmentation(image: ImageData, masks: np.ndarray, names: list[str], path: Path) -> None:
-    """Masks (P, H, W) or (P, Z, Y, X) as a Slicer ``.seg.nrrd``, one segment per prompt.
+    """Masks (P, H, W) or (P, Z, Y, X) bool as a Slicer ``.seg.nrrd``, one segment per prompt.
 
-    ``names`` are the segment names, written as :func:`segment_name` gives them (ASCII).
+    Each segment has its own layer (label value 1), as Slicer stores overlapping segments, so the
+    file is written in one pass whatever the overlaps (slicerio's writer; ``add_segment`` would test
+    every pair). ``names`` are the prompts; segments are named :func:`segment_name` of each (ASCII).
     """
     import slicerio
 
-    vol = masks if image.is_volume else masks[:, None]  # (P, Z, Y, X)
-    shape_ijk = vol.shape[1:][::-1]
-    seg = slicerio.create_segmentation(shape_ijk, ijk_to_lps(image))
+    vol = masks if image.is_volume else masks[:, None]  # (P, Z, Y, X) = (P, K, J, I)
+    segments = []
     for i, (mask, name) in enumerate(zip(vol, names)):
-        color = SEGMENT_COLORS[i % len(SEGMENT_COLORS)]
-        slicerio.add_segment(
-            seg,
-            np.transpose(mask, (2, 1, 0)),
-            {"id": f"Segment_{i + 1}", "name": segment_name(name), "color": color},
+        if mask.any():
+            extent = []
+            for axis in (2, 1, 0):  # i, j, k
+                hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+                extent += [int(hit[0]), int(hit[-1])]
+        else:
+            extent = [0, -1, 0, -1, 0, -1]
+        segments.append(
+            {
+                "id": f"Segment_{i + 1}",
+                "name": segment_name(name),
+                "color": tuple(SEGMENT_COLORS[i % len(SEGMENT_COLORS)]),
+                "layer": i if len(vol) > 1 else 0,
+                "labelValue": 1,
+                "extent": extent,
+            }
         )
-    seg["containedRepresentationNames"] = ["Binary labelmap"]
+    # slicerio writes in Fortran order: (layer, i, j, k) with the layer varying fastest
+    voxels = np.transpose(vol, (0, 3, 2, 1)).astype(np.uint8)
+    seg = {
+        "voxels": voxels if len(vol) > 1 else voxels[0],
+        "ijkToLPS": ijk_to_lps(image),
+        "segments": segments,
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+    }
     slicerio.write_segmentation(str(path), seg, compression_level=SEGMENTATION_COMPRESSION)
 
 
@@ -233,13 +256,21 @@ def write_results(
     ``overlay.png`` (unless ``overlay`` is False), ``masks.dcm`` (a DICOM SEG, when ``dicom_seg_source``
     names the DICOM file or series folder the result was computed on) and ``results.json``, whose
     ``files`` lists each of them once. Prompts naming the same finding get distinct file names.
+
+    The heatmaps are written quantised (:func:`quantize_heatmap`) and every mask written (segmentation,
+    DICOM SEG, overlay, ``mask_pixels``) is the written heatmap above ``result.threshold``, so a viewer
+    that re-thresholds a heatmap file gets exactly the segment beside it (``result.masks`` may differ
+    at pixels within ``HEATMAP_STEP / 2`` of the threshold).
     """
+    heatmaps = quantize_heatmap(result.heatmaps)
+    if dataclasses.is_dataclass(result):
+        result = dataclasses.replace(result, heatmaps=heatmaps, masks=heatmaps > result.threshold)
     tmp = atomic_folder(out_dir)
     try:
         names = unique_slugs(result.prompts)
         heat_files = [f"heatmap_{name}.nrrd" for name in names]
         files: dict[str, Any] = {"heatmaps": heat_files, "segmentation": "masks.seg.nrrd"}
-        _write_heatmaps(result.image, result.heatmaps, [tmp / f for f in heat_files])
+        _write_heatmaps(result.image, heatmaps, [tmp / f for f in heat_files])
         write_segmentation(result.image, result.masks, list(result.prompts), tmp / files["segmentation"])
         adapter = getattr(result, "adapter", None)  # which few-shot adapter changed which prompts (or None)
         if overlay:
