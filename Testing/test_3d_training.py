@@ -21,12 +21,12 @@ from phantoms import ORGANS, make_dataset, make_phantom
 from torch import nn
 
 from afloc_engine.checkpoint import ModelInfo
-from afloc_engine.fvlm import AnatomyAligner, AnatomyConfig
 from afloc_engine.inference import AFLoc
 from afloc_engine.io import ImageData
 from afloc_engine.models import AFLocModel
 from afloc_engine.models.text_encoder import TextFeatures
 from afloc_engine.volume import CT_WINDOW, prepare_label_map, prepare_volume
+from training.fvlm import AnatomyAligner, AnatomyConfig
 
 SIZE = 32
 LIVER_PROMPT = "There is a large mass in the liver."

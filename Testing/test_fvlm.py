@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from afloc_engine.errors import ConfigError
-from afloc_engine.fvlm import (
+from afloc_engine.losses import symmetric_infonce
+from training.fvlm import (
     DEFAULT_ANATOMY_KEYWORDS,
     AnatomyAligner,
     AnatomyConfig,
@@ -30,7 +31,6 @@ from afloc_engine.fvlm import (
     soft_targets,
     split_report_by_anatomy,
 )
-from afloc_engine.losses import symmetric_infonce
 
 KEYWORDS = {"lung": ("lung", "lungs", "pleural"), "liver": ("liver", "hepatic"), "aorta": ("aortic arch", "aorta")}
 

@@ -10,7 +10,7 @@ import torch
 from test_training_data import base_config, make_pairs
 
 from afloc_engine.errors import ConfigError
-from afloc_engine.fvlm import (
+from training.fvlm import (
     AnatomyAligner,
     AnatomyConfig,
     DiseaseAwareTargets,

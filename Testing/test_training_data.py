@@ -259,14 +259,14 @@ def test_rank_slices_of_global_batches_equal_the_single_process_batches():
 
 
 def test_augmentation_is_seeded_per_sample_and_epoch(tmp_path):
-    from training.config import AugmentConfig
+    from training.config import TrainAugmentConfig
     from training.data import read_manifest
     from training.dataset import PairDataset
     from training.store import Store, prepare_store
 
     records, _ = read_manifest(make_pairs(tmp_path / "d", n=4))
     store = Store(prepare_store(records, tmp_path / "s", size=72, workers=0, progress="none"))
-    ds = PairDataset(store, [0, 1, 2, 3], image_size=64, augment=AugmentConfig(keep_fraction=0.5), seed=1)
+    ds = PairDataset(store, [0, 1, 2, 3], image_size=64, augment=TrainAugmentConfig(keep_fraction=0.5), seed=1)
     a, b = ds[1], ds[1]
     assert a.image.shape == (1, 64, 64)
     torch.testing.assert_close(a.image, b.image)

@@ -66,8 +66,9 @@ class DataConfig:
 
 
 @dataclass
-class AugmentConfig:
-    """Image augmentation (MONAI) and report augmentation (sentence sub-sampling and shuffling)."""
+class TrainAugmentConfig:
+    """The trainer's image augmentation (MONAI) and report augmentation (sentence sub-sampling and
+    shuffling). (Few-shot fine-tuning has its own: :class:`afloc_engine.finetune.FinetuneAugmentConfig`.)"""
 
     image: bool = True
     crop_scale: tuple[float, float] = (0.8, 1.0)
@@ -163,7 +164,7 @@ class LogConfig:
 
 @dataclass
 class FVLMConfig:
-    """fVLM false-negative calibration of the patient-level losses (issue 8; :mod:`afloc_engine.fvlm`)."""
+    """fVLM false-negative calibration of the patient-level losses (issue 8; :mod:`training.fvlm`)."""
 
     false_negative: str = "none"
     """``none`` (identity targets), ``soft`` (report pairs that are both normal or share a disease label
@@ -183,7 +184,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)
     init: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: TrainAugmentConfig = field(default_factory=TrainAugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

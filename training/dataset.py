@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from afloc_engine.models.text_encoder import TextEncoder, TokenizedReports
 from afloc_engine.text import augment_report, split_sentences
-from training.config import AugmentConfig
+from training.config import TrainAugmentConfig
 from training.store import Store
 
 
@@ -35,7 +35,7 @@ class ImageAugment:
     then a small random affine (rotation, translation, scale) and random gamma / intensity shift.
     """
 
-    def __init__(self, config: AugmentConfig, size: int) -> None:
+    def __init__(self, config: TrainAugmentConfig, size: int) -> None:
         from monai.data import set_track_meta
         from monai.transforms import Compose, RandAdjustContrast, RandAffine, RandShiftIntensity
 
@@ -108,7 +108,7 @@ class PairDataset(torch.utils.data.Dataset):
         mean: float = 0.5,
         std: float = 0.5,
         channels: int = 1,
-        augment: AugmentConfig | None = None,
+        augment: TrainAugmentConfig | None = None,
         seed: int = 0,
     ) -> None:
         self.store, self.indices = store, list(indices)

@@ -12,7 +12,7 @@ Run folder::
     <run>/model/                the final model folder (``afloc localize --model <run>/model``)
 
 Hooks (fVLM, issue 8): ``Trainer(config, run_dir, target_fn=..., extra_losses=(...))``; the config's
-``fvlm.false_negative: soft|masked`` installs :class:`afloc_engine.fvlm.DiseaseAwareTargets` as ``target_fn``.
+``fvlm.false_negative: soft|masked`` installs :class:`training.fvlm.DiseaseAwareTargets` as ``target_fn``.
 ``target_fn(ctx: BatchContext) -> (B, B) tensor | None`` gives soft contrastive targets for the
 global batch (rows: images, columns: reports; each row sums to 1); ``extra_losses`` are callables
 ``fn(out: StepOutputs) -> tensor | dict[str, tensor]`` whose values are added to the loss (per
@@ -171,7 +171,7 @@ class Trainer:
         if config.fvlm.false_negative != "none":
             if target_fn is not None:
                 raise ConfigError("fvlm.false_negative is set and a target_fn was given: use one", config.source)
-            from afloc_engine.fvlm import DiseaseAwareTargets
+            from training.fvlm import DiseaseAwareTargets
 
             f = config.fvlm
             try:
