@@ -276,6 +276,16 @@ def test_rgb_channels_are_kept_for_colour_models(tmp_path):
     assert read_image(tmp_path / "grey.png").rgb is None
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_colour_keeps_16_bits(tmp_path, suffix):
+    rgb16 = np.random.default_rng(0).integers(0, 65535, (20, 30, 3)).astype(np.uint16)
+    path = tmp_path / f"rgb16{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(rgb16, isVector=True), str(path))
+    image = read_image(path)
+    np.testing.assert_array_equal(image.rgb, rgb16.astype(np.float32))  # Pillow alone gives 8 bits
+    assert image.array.max() > 255
+
+
 def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch):
     from afloc_engine.io import MAX_PIXELS
 
