@@ -188,7 +188,9 @@ def test_afloc_loss_takes_a_model_configs_settings_and_refuses_bad_ones():
     loss = AFLocLoss.from_config(config, chunk_size=2)
     assert (loss.tau1, loss.tau2, loss.tau3, loss.weights) == (3.0, 5.0, 7.0, (0.0, 1.0, 2.0))
     assert loss.aggregation == "mean" and loss.chunk_size == 2
-    out = loss.compute(**_features())
+    f = _features()
+    image = (f["shallow"], f["deep"], f["image_global"])
+    out = loss(image, (f["words"], f["word_mask"], f["sentences"], f["sentence_mask"], f["report"]))
     assert out.word.item() == 0 and out.sentence.item() > 0
     torch.testing.assert_close(out.total, out.sentence + 2 * out.global_)
     with pytest.raises(ValueError, match="aggregation"):

@@ -11,7 +11,7 @@ two losses with different policies can run side by side.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -288,54 +288,26 @@ class AFLocLoss(nn.Module):
 
     def similarity(self, regions: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Z of (B_img, M, D) regions against (B_txt, N, D) text units -> (B_img, B_txt), this loss's settings."""
-        return local_similarity(
-            regions,
-            text,
-            text_mask,
-            self.tau1,
-            self.tau2,
-            self.aggregation,
-            self.chunk_size,
-            save_elements=self.save_elements,
-            chunk_elements=self.chunk_elements,
-            kernel=self._kernel,
-        )
+        settings = (self.tau1, self.tau2, self.aggregation, self.chunk_size)
+        policy = {"save_elements": self.save_elements, "chunk_elements": self.chunk_elements}
+        return local_similarity(regions, text, text_mask, *settings, **policy, kernel=self._kernel)
 
-    def forward(self, image: ImageFeatures, text: TextFeatures, targets: torch.Tensor | None = None) -> AFLocLosses:
-        """The loss of B matched pairs of encoder outputs (``ImageFeatures``, ``TextFeatures``).
-
-        ``targets``: optional (B, B) false-negative calibration: float soft targets or bool
-        not-a-negative pairs (see :func:`symmetric_infonce`); identity otherwise.
-        """
-        return self.compute(
-            image.shallow,
-            image.deep,
-            image.global_,
-            text.words,
-            text.word_mask,
-            text.sentences,
-            text.sentence_mask,
-            text.report,
-            targets,
-        )
-
-    def compute(
+    def forward(
         self,
-        shallow: torch.Tensor,
-        deep: torch.Tensor,
-        image_global: torch.Tensor,
-        words: torch.Tensor,
-        word_mask: torch.Tensor,
-        sentences: torch.Tensor,
-        sentence_mask: torch.Tensor,
-        report: torch.Tensor,
+        image: ImageFeatures | Sequence[torch.Tensor],
+        text: TextFeatures | Sequence[torch.Tensor],
         targets: torch.Tensor | None = None,
     ) -> AFLocLosses:
-        """The loss from plain tensors.
+        """The loss of B matched pairs of encoder outputs.
 
-        shallow: (B, D, *grid) or (B, M_s, D); deep likewise; image_global (B, D); words (B, W, D),
-        word_mask (B, W) bool; sentences (B, S, D), sentence_mask (B, S); report (B, D).
+        image: ``ImageFeatures`` or the tuple (shallow, deep, global): shallow (B, D, *grid) or
+        (B, M_s, D), deep likewise, global (B, D). text: ``TextFeatures`` or the tuple (words (B, W, D),
+        word_mask (B, W) bool, sentences (B, S, D), sentence_mask (B, S), report (B, D)). ``targets``:
+        optional (B, B) false-negative calibration: float soft targets or bool not-a-negative pairs
+        (see :func:`symmetric_infonce`); identity otherwise.
         """
+        shallow, deep, image_global = image
+        words, word_mask, sentences, sentence_mask, report = text
         w_word, w_sent, w_glob = self.weights
         zero = image_global.new_zeros(())
         loss_word = loss_sent = loss_glob = zero
@@ -368,9 +340,9 @@ def afloc_loss(
     targets: torch.Tensor | None = None,
     chunk_size: int | None = None,
 ) -> AFLocLosses:
-    """Functional form of :class:`AFLocLoss` (default memory policy): see :meth:`AFLocLoss.compute`."""
+    """Functional form of :class:`AFLocLoss` (default memory policy): see :meth:`AFLocLoss.forward`."""
     loss = AFLocLoss(tau1, tau2, tau3, weights, aggregation, chunk_size)
-    return loss.compute(shallow, deep, image_global, words, word_mask, sentences, sentence_mask, report, targets)
+    return loss((shallow, deep, image_global), (words, word_mask, sentences, sentence_mask, report), targets)
 
 
 def as_regions(features: torch.Tensor) -> torch.Tensor:
