@@ -133,6 +133,14 @@ def write_manifest(records: list[PairRecord], path: str | Path) -> Path:
     return path
 
 
+def _table(root: Path, name: str, dataset: str) -> Path:
+    """``root / name``; :class:`DataError` naming the root when the dataset's table is not there."""
+    table = root / name
+    if not table.is_file():
+        raise DataError(f"no {name} in the {dataset} root", root)
+    return table
+
+
 # --- covid-cxr -----------------------------------------------------------------------------------
 def read_covid(root: str | Path, split: str | None = None) -> tuple[list[PairRecord], list[Skipped]]:
     """``covid-cxr/pairs.csv`` (image, text = clinical note, patient_id, split); empty notes are skipped.
@@ -140,9 +148,7 @@ def read_covid(root: str | Path, split: str | None = None) -> tuple[list[PairRec
     With ``split``, rows of other splits are left out silently (they are not skipped rows).
     """
     root = Path(root)
-    table = root / "pairs.csv"
-    if not table.is_file():
-        raise DataError("no pairs.csv in the covid-cxr root", root)
+    table = _table(root, "pairs.csv", "covid-cxr")
     records, skipped = [], []
     for where, row in _read_rows(table):
         if split is not None and row.get("split", "") != split:
@@ -195,9 +201,7 @@ def nih_report(findings: str) -> str:
 def read_nih(root: str | Path) -> tuple[list[PairRecord], list[Skipped]]:
     """``nih-cxr14-sample/labels.csv``: each image with its labels turned into sentences (:func:`nih_report`)."""
     root = Path(root)
-    table = root / "labels.csv"
-    if not table.is_file():
-        raise DataError("no labels.csv in the NIH root", root)
+    table = _table(root, "labels.csv", "NIH")
     records, skipped = [], []
     for where, row in _read_rows(table):
         image = root / (row.get("image") or "")
