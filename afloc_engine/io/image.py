@@ -158,8 +158,16 @@ class ImageData:
 
 def rgb_to_grey(rgb: np.ndarray) -> np.ndarray:
     """(..., 3|4) colour -> (...) luminance (ITU-R BT.601 weights), float32, in the input's units."""
+    rgb = np.asarray(rgb)
     weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    return np.tensordot(rgb[..., :3], weights, axes=([-1], [0])).astype(np.float32, copy=False)
+    out = np.empty(rgb.shape[:-1], dtype=np.float32)
+    flat_in = rgb.reshape(-1, rgb.shape[-1])
+    flat_out = out.reshape(-1)
+    step = 1 << 20  # a million pixels at a time: no full-size float copy of the channels
+    for start in range(0, flat_out.size, step):
+        block = flat_in[start : start + step, :3].astype(np.float32)
+        np.dot(block, weights, out=flat_out[start : start + step])
+    return out
 
 
 def positive_frame(

@@ -40,12 +40,14 @@ def read_raster(path: Path) -> ImageData:
             elif mode in _GREY_MODES or (mode in ("P", "PA") and _palette_is_grey(img)):
                 array = np.asarray(img.convert("L"), dtype=np.float32)
             else:
-                rgb = np.asarray(img.convert("RGB"))
-                array = rgb_to_grey(rgb)
+                rgb = np.asarray(img if mode == "RGB" else img.convert("RGB"))
+                array = None  # the luminance is computed once Pillow's copy is freed
     except Image.DecompressionBombError as err:
         raise ImageReadError(f"image is too large: {err}", path) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"cannot read image (truncated or not an image?): {err}", path) from None
+    if array is None:
+        array = rgb_to_grey(rgb)
     if array.ndim != 2:
         raise ImageReadError(f"cannot read image: unexpected pixel layout {array.shape} (mode {mode})", path)
     image = ImageData.from_array(array)
