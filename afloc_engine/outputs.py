@@ -193,6 +193,8 @@ def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W) float array resized to ``size`` = (width, height), averaging over the pixels it shrinks."""
     from PIL import Image
 
+    if array.shape == (size[1], size[0]):
+        return np.asarray(array, dtype=np.float32)
     return np.asarray(Image.fromarray(np.ascontiguousarray(array, dtype=np.float32)).resize(size, Image.BOX))
 
 
@@ -228,8 +230,10 @@ def write_overlay_png(
     rows = (len(titles) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * size[0], rows * (size[1] + 18)), "black")
     draw = ImageDraw.Draw(sheet)
+    # heatmaps are smooth (upsampled from the feature grid): every n-th pixel, then a resize, is enough
+    stride = max(1, int(1 / scale) // 2)
     for i, title in enumerate(titles):
-        heat = _resize(hm[i], size)
+        heat = _resize(hm[i][::stride, ::stride], size)
         if threshold is not None:
             mask = heat > threshold
         elif mk is not None:

@@ -1,0 +1,149 @@
+"""`afloc localize` end to end, as a user runs it (issue 13 item 6): a cold process, the real
+radiograph RG1_UNCR.dcm (pydicom-data, 1841 x 1955), the 14 prompts of ``--preset cxr``.
+
+Run by hand (the machine may be shared: each figure is the median of ``--runs`` runs)::
+
+    .venv/bin/python benchmarks/localize_cli.py [--runs 5] [--old-tree /tmp/old] [--json OUT.json]
+
+Measures per run the wall time of ``python -m afloc_engine localize RG1_UNCR.dcm --preset cxr``
+in a fresh process, the bytes it wrote and its peak memory; then, in this process, the largest
+difference between the heatmap files and ``model.localize(...)``'s heatmaps. With ``--old-tree``
+(a worktree of an earlier commit: ``git worktree add /tmp/old COMMIT``) the same command is timed
+with that tree's engine, alternating with the current one, so both see the same machine load.
+Writes OUT.json (default ``benchmarks/results/localize_cli-<host>.json``) with the machine
+(CPU model, cores; ``benchmarks/machine.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sample() -> Path:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("RG1_UNCR.dcm")
+    if path is None:
+        raise SystemExit("pydicom-data is not installed (it holds RG1_UNCR.dcm)")
+    return Path(path)
+
+
+def _commit(tree: Path) -> str:
+    done = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+def run_once(tree: Path, image: Path, extra: list[str]) -> dict[str, Any]:
+    """One cold ``afloc localize`` with the engine of ``tree``: wall seconds, bytes written, peak MiB."""
+    out = Path(tempfile.mkdtemp(prefix="afloc-bench-"))
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONWARNINGS": "ignore"}
+    # /usr/bin/time -f %M gives the child's own peak RSS (KiB)
+    timer = ["/usr/bin/time", "-f", "PEAK_KB=%M"] if Path("/usr/bin/time").exists() else []
+    command = [*timer, sys.executable, "-m", "afloc_engine", "localize", str(image), "--preset", "cxr"]
+    command += ["--out", str(out / "o"), "--progress", "none", *extra]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)
+        raise SystemExit(f"afloc localize failed in {tree} (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    files = [p for p in (out / "o").rglob("*") if p.is_file()]
+    peak = [line for line in done.stderr.splitlines() if line.startswith("PEAK_KB=")]
+    record = {
+        "wall_s": round(wall, 3),
+        "output_bytes": sum(p.stat().st_size for p in files),
+        "output_files": len(files),
+        "peak_mib": round(int(peak[-1].split("=")[1]) / 1024, 1) if peak else None,
+        "load_average_before": None,
+        "folder": str(out),
+    }
+    return record
+
+
+def recoverability(folder: Path, image: Path) -> dict[str, Any]:
+    """Largest |heatmap file - model.localize heatmap| over the 14 prompts (the files' value step)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    import afloc_engine
+    from afloc_engine.prompts import preset_prompts
+
+    result = afloc_engine.load_model("default", "cpu").localize(str(image), preset_prompts("cxr"))
+    data = json.loads((folder / "results.json").read_text())
+    worst = 0.0
+    for entry, heat in zip(data["prompts"], result.heatmaps):
+        stored = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / entry["heatmap"])))
+        worst = max(worst, float(np.abs(stored - heat).max()))
+    return {"max_abs_error": round(worst, 6), "value_step": data.get("heatmap_value_step")}
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "median_wall_s": round(statistics.median(r["wall_s"] for r in runs), 2),
+        "min_wall_s": round(min(r["wall_s"] for r in runs), 2),
+        "output_mb": round(statistics.median(r["output_bytes"] for r in runs) / 1e6, 2),
+        "output_files": runs[-1]["output_files"],
+        "median_peak_mib": statistics.median(r["peak_mib"] for r in runs) if runs[0]["peak_mib"] else None,
+        "runs": [{k: v for k, v in r.items() if k != "folder"} for r in runs],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5, help="cold runs per engine (the median is reported)")
+    parser.add_argument("--old-tree", type=Path, default=None, help="worktree of an earlier commit to time alike")
+    parser.add_argument("--old-args", default="", help="extra arguments the old tree's localize needs")
+    parser.add_argument("--json", type=Path, default=None, help="output JSON (default benchmarks/results/...)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import load_average, machine_info
+
+    image = _sample()
+    engines = {"current": (REPO, [])}
+    if args.old_tree is not None:
+        engines["old"] = (args.old_tree.resolve(), args.old_args.split())
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
+    for i in range(args.runs):
+        for name, (tree, extra) in engines.items():  # alternate, so both see the same load
+            load = load_average()
+            record = run_once(tree, image, extra)
+            record["load_average_before"] = load
+            results[name].append(record)
+            print(f"run {i + 1}/{args.runs} {name}: {record['wall_s']:.2f} s, {record['output_bytes'] / 1e6:.1f} MB")
+    last = Path(results["current"][-1]["folder"]) / "o" / "RG1_UNCR"
+    report: dict[str, Any] = {
+        "benchmark": "afloc localize RG1_UNCR.dcm --preset cxr (14 prompts), cold process",
+        "image": {"file": "RG1_UNCR.dcm (pydicom-data)", "size": [1841, 1955]},
+        "machine": machine_info("cpu"),
+        "current": {"commit": _commit(REPO), **summary(results["current"]), **recoverability(last, image)},
+    }
+    if "old" in results:
+        report["old"] = {"commit": _commit(engines["old"][0]), **summary(results["old"])}
+        report["speedup_median"] = round(report["old"]["median_wall_s"] / report["current"]["median_wall_s"], 2)
+        report["size_ratio"] = round(report["old"]["output_mb"] / report["current"]["output_mb"], 1)
+    for records in results.values():
+        for r in records:
+            shutil.rmtree(Path(r["folder"]), ignore_errors=True)
+    path = args.json or REPO / "benchmarks" / "results" / f"localize_cli-{platform.node() or 'host'}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=1)[:3000])
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
