@@ -310,3 +310,34 @@ def test_nih_labels_give_auroc_only(tmp_path):
     assert entry["auroc"]["value"] == 1.0 and entry["auroc"]["n_positive"] == 2
     assert entry["iou"]["mean"] is None  # no region: no localisation
     assert [m["name"] for m in res["methods"]] == ["labels"]  # region baselines left out
+
+
+# --- what the user sees: results.json, the CLI summary, LocalizationResult -----------------------------
+def test_localize_reports_specificity_per_prompt(tiny_model, tiny_afloc, tmp_path, capsys):
+    import json
+
+    from afloc_engine.checkpoint import ModelInfo, save_model
+    from afloc_engine.cli import main
+
+    model_dir = save_model(tiny_model, tmp_path / "tiny", ModelInfo(name="tiny", trained=True))
+    image = tmp_path / "chest.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (70, 90), dtype=np.uint8)).save(image)
+    prompts = ["Findings suggesting pleural effusion", "Findings suggesting cardiomegaly", "Small nodule"]
+    args = ["localize", str(image), "--model", str(model_dir), "--out", str(tmp_path / "out"), "--progress", "none"]
+    assert main([*args, *(a for p in prompts for a in ("--prompt", p))]) == 0
+    err = capsys.readouterr().err
+    entries = json.loads(next((tmp_path / "out").glob("*/results.json")).read_text())["prompts"]
+    expected = tiny_afloc.localize(str(image), prompts).specificity()
+    assert [e["prompt"] for e in entries] == prompts
+    for entry, spec in zip(entries, expected):
+        assert entry["specificity"] == pytest.approx(spec.specificity, abs=2e-3)
+        assert entry["lung_correlation"] == pytest.approx(spec.lung_correlation, abs=2e-3)
+        assert bool(entry["specificity_warning"]) == bool(spec.warning)
+        assert f'"{entry["prompt"]}": specificity {entry["specificity"]:.2f}' in err
+        if entry["specificity_warning"]:
+            assert f"WARNING: {image}: {entry['specificity_warning']}" in err
+    # one prompt: nothing to compare with
+    assert main([*args[:-4], "--out", str(tmp_path / "one"), "--progress", "none", "--prompt", prompts[0]]) == 0
+    one = json.loads(next((tmp_path / "one").glob("*/results.json")).read_text())["prompts"][0]
+    assert one["specificity"] is None and "specificity_warning" in one
+    assert "specificity n/a (one prompt)" in capsys.readouterr().err
