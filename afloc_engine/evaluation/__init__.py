@@ -5,8 +5,9 @@
 >>> result = evaluate_localization(afloc_engine.load_model("my-model"), data)               # doctest: +SKIP
 >>> write_evaluation(result, "eval-out")  # evaluation.md, evaluation.json, cases_*.png      # doctest: +SKIP
 
-Command line: ``afloc evaluate --model M --data DIR --split dev --out DIR`` (see
-:mod:`afloc_engine.cli.evaluate`).
+Command line: ``afloc evaluate --model M --data DIR --split dev --out DIR [--specificity]`` (see
+:mod:`afloc_engine.cli.evaluate`). Prompt specificity (does each prompt light up its own
+finding?): :mod:`afloc_engine.evaluation.prompt_specificity`.
 """
 
 from afloc_engine.evaluation.datasets import (
@@ -16,16 +17,21 @@ from afloc_engine.evaluation.datasets import (
     Sample,
     Skip,
     finding_key,
+    heldout_part,
     load_dataset,
     load_target,
     rasterize_boxes,
+    read_chestx_det,
     read_covid,
     read_nih_bbox,
+    read_nih_labels,
     read_rsna,
+    read_tbx11k,
 )
 from afloc_engine.evaluation.predictors import (
     ConstantPredictor,
     FunctionPredictor,
+    LungFieldPredictor,
     ModelPredictor,
     Prediction,
     Predictor,
@@ -33,6 +39,7 @@ from afloc_engine.evaluation.predictors import (
     as_predictor,
     lung_prior,
 )
+from afloc_engine.evaluation.prompt_specificity import evaluate_specificity, specificity_markdown
 from afloc_engine.evaluation.prompts import EvalPrompt, default_prompts, load_prompt_file
 from afloc_engine.evaluation.report import skip_report, to_json, to_markdown, write_evaluation
 from afloc_engine.evaluation.runner import evaluate_localization
@@ -43,6 +50,7 @@ __all__ = [
     "EvalDataset",
     "EvalPrompt",
     "FunctionPredictor",
+    "LungFieldPredictor",
     "MaskSource",
     "ModelPredictor",
     "Prediction",
@@ -53,16 +61,22 @@ __all__ = [
     "as_predictor",
     "default_prompts",
     "evaluate_localization",
+    "evaluate_specificity",
     "finding_key",
+    "heldout_part",
     "load_dataset",
     "load_prompt_file",
     "load_target",
     "lung_prior",
     "rasterize_boxes",
+    "read_chestx_det",
     "read_covid",
     "read_nih_bbox",
+    "read_nih_labels",
     "read_rsna",
+    "read_tbx11k",
     "skip_report",
+    "specificity_markdown",
     "to_json",
     "to_markdown",
     "write_evaluation",

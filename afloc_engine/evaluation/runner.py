@@ -241,7 +241,8 @@ def evaluate_localization(
         prompts: finding -> prompts (strings or :class:`EvalPrompt`); defaults per finding otherwise.
         findings: findings to evaluate (default: the prompt mapping's, else the dataset's defaults).
             Names the dataset lacks are reported in ``skipped``.
-        baselines: any of ``constant``, ``prior``.
+        baselines: any of ``constant``, ``prior``, ``lung_field`` (left out, with a note, on a dataset of
+            image-level labels only).
         n_bootstrap, seed: bootstrap resamples (95% percentile CIs) and their seed.
         thresholds: heatmap thresholds over which IoU and Dice are averaged.
         batch_size: images per network batch.
