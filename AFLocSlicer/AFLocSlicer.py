@@ -87,7 +87,11 @@ class AFLocSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class AFLocSlicerLogic(ScriptedLoadableModuleLogic, AFLocLogic):
-    """The module logic on Slicer's scene (see AFLocSlicerLib.Logic.AFLocLogic for the API)."""
+    """The module logic on Slicer's scene (see AFLocSlicerLib.Logic.AFLocLogic for the API).
+
+    Jobs run on one warm engine process per logic (``afloc serve``), stopped by :meth:`shutdown`
+    (the panel's cleanup) or at the latest when Slicer exits.
+    """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -178,7 +182,7 @@ class AFLocSlicerTest(ScriptedLoadableModuleTest):
 
     def test_dicom_radiograph(self) -> None:
         import numpy as np
-        from AFLocSlicerLib import Results
+        from AFLocSlicerLib import Scene
 
         path = self.sampleDicom()
         if path is None:
@@ -199,16 +203,16 @@ class AFLocSlicerTest(ScriptedLoadableModuleTest):
         )
         self.assertEqual(len(results.heatmaps), 2)
         for heat in results.heatmaps:
-            self.assertTrue(np.allclose(Results.ijkToRasArray(heat), Results.ijkToRasArray(volume), rtol=0, atol=1e-12))
+            self.assertTrue(np.allclose(Scene.ijkToRasArray(heat), Scene.ijkToRasArray(volume), rtol=0, atol=1e-12))
             self.assertEqual(heat.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
         self.assertEqual(results.findings, ["pneumothorax", "pleural effusion"])
         seg = results.segmentation
         self.assertEqual(seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()).GetID(), volume.GetID())
         for heat, segmentId in zip(results.heatmaps, results.segmentIds):
-            mask = Results.segmentMask(seg, segmentId, volume)
-            self.assertTrue(np.array_equal(mask, Results.volumeArray(heat) > results.threshold))
+            mask = Scene.segmentMask(seg, segmentId, volume)
+            self.assertTrue(np.array_equal(mask, Scene.volumeArray(heat) > results.threshold))
         masks = logic.updateMasks(results, 0.6)
-        self.assertTrue(np.array_equal(masks[0], Results.volumeArray(results.heatmaps[0]) > 0.6))
+        self.assertTrue(np.array_equal(masks[0], Scene.volumeArray(results.heatmaps[0]) > 0.6))
         logic.showResults(results, 1, 0.5)
         logic.removeResults(results)
         self.assertEqual(self.snapshot(), before)
@@ -216,7 +220,7 @@ class AFLocSlicerTest(ScriptedLoadableModuleTest):
 
     def test_covid_image(self) -> None:
         import numpy as np
-        from AFLocSlicerLib import Results
+        from AFLocSlicerLib import Scene
 
         data = self.sharedData()
         if data is None:
@@ -227,7 +231,7 @@ class AFLocSlicerTest(ScriptedLoadableModuleTest):
         logic = AFLocSlicerLogic()
         results = logic.localize(volume, ["ground glass opacity"], model=self.tinyModel(), device="cpu", timeout=600)
         self.assertTrue(
-            np.allclose(Results.ijkToRasArray(results.heatmaps[0]), Results.ijkToRasArray(volume), rtol=0, atol=1e-12)
+            np.allclose(Scene.ijkToRasArray(results.heatmaps[0]), Scene.ijkToRasArray(volume), rtol=0, atol=1e-12)
         )
         self.assertEqual(results.findings, ["ground glass opacity"])
         logging.info("AFLoc probabilities: %s", results.probabilities)

@@ -11,6 +11,7 @@ import stat
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +20,10 @@ pytest.importorskip("slicer", reason="slicer-core (headless MRML) is not install
 
 import slicer  # noqa: E402
 import slicer_fakes as sf  # noqa: E402
-from AFLocSlicerLib import Process, Results  # noqa: E402
+from AFLocSlicerLib import Process, Scene, SceneResults, Server  # noqa: E402
 from AFLocSlicerLib.Errors import AFLocSlicerError, JobCancelled  # noqa: E402
-from AFLocSlicerLib.Logic import AFLocLogic, uncertaintyScore  # noqa: E402
+from AFLocSlicerLib.Logic import AFLocLogic  # noqa: E402
+from AFLocSlicerLib.Tasks import uncertaintyScore  # noqa: E402
 
 TIMEOUT = 180
 
@@ -49,13 +51,30 @@ def engine_env(tmp_path):
 
 @pytest.fixture()
 def logic(scene, engine_env, tmp_path):
+    """The logic as Slicer makes it: jobs run on the session's warm engine (stopped at the end)."""
     lg = AFLocLogic(scene, python=sys.executable, env=engine_env, adaptersDir=tmp_path / "adapters")
     assert lg.parameters.node is not None  # the parameter node exists before any snapshot, as in Slicer
+    yield lg
+    lg.shutdown()
+
+
+@pytest.fixture()
+def cold_logic(scene, engine_env, tmp_path):
+    """One engine process per job (``warm=False``): for stand-in engines that only speak the one-shot CLI."""
+    lg = AFLocLogic(scene, python=sys.executable, env=engine_env, adaptersDir=tmp_path / "adapters", warm=False)
+    assert lg.parameters.node is not None
     return lg
 
 
+def assert_mask_is_heat_above(mask, heat, threshold):
+    """mask == heat > threshold, except within half a step of the heatmap files' 8-bit precision
+    (the engine thresholds the computed heatmap, the files hold it rounded to multiples of 1/127)."""
+    differ = mask != (heat > threshold)
+    assert np.all(np.abs(heat[differ] - threshold) <= 0.5 / 127 + 1e-6), int(differ.sum())
+
+
 def ijk_to_ras(node):
-    return Results.ijkToRasArray(node)
+    return Scene.ijkToRasArray(node)
 
 
 def assert_same_geometry(node, reference):
@@ -91,16 +110,19 @@ def test_dicom_radiograph_end_to_end(scene, logic, sample_dicom, tiny_model_dir)
         assert heat.GetImageData().GetScalarTypeAsString() == "float"
         assert heat.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
         assert np.array_equal(ijk_to_ras(heat), ijk_to_ras(volume))
-        values = Results.volumeArray(heat)
+        values = Scene.volumeArray(heat)
         assert values.min() >= -1.0001 and values.max() <= 1.0001
         display = heat.GetDisplayNode()
-        assert display.GetColorNode().GetAttribute(Results.ROLE) == "colormap"
+        assert display.GetColorNode().GetAttribute(Scene.ROLE) == "colormap"
         assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 1.0)
-    # the colour table is a heat table: transparent at 0, hot (red > blue) higher up
+    # the colour table reads as a heatmap: perceptually ordered (luminance rises with heat), transparent
+    # where the finding is unlikely, opacity rising smoothly (no step: the old table jumped 0 -> 0.3 in 0.05)
     lut = results.heatmaps[0].GetDisplayNode().GetColorNode().GetLookupTable()
-    assert lut.GetTableValue(0)[3] == 0.0 and lut.GetTableValue(255)[3] == 1.0
-    mid = lut.GetTableValue(128)
-    assert mid[0] > mid[2] + 0.5
+    rgba = np.array([lut.GetTableValue(i) for i in range(256)])
+    luminance = rgba[:, :3] @ [0.2126, 0.7152, 0.0722]
+    assert np.all(np.diff(luminance) > 0)
+    assert np.all(rgba[:26, 3] == 0.0) and rgba[-1, 3] > 0.9
+    assert np.all(np.diff(rgba[:, 3]) >= 0) and np.abs(np.diff(rgba[:, 3])).max() < 0.01
     # segmentation: one segment per prompt, names = findings, standard codes, input as reference geometry
     seg_node = results.segmentation
     assert seg_node.IsA("vtkMRMLSegmentationNode")
@@ -110,8 +132,8 @@ def test_dicom_radiograph_end_to_end(scene, logic, sample_dicom, tiny_model_dir)
     assert seg_node.GetNodeReference(seg_node.GetReferenceImageGeometryReferenceRole()).GetID() == volume.GetID()
     # masks: the engine's masks.seg.nrrd landed on the input's grid = heatmap > threshold
     for heat, segment_id in zip(results.heatmaps, results.segmentIds):
-        mask = Results.segmentMask(seg_node, segment_id, volume)
-        assert np.array_equal(mask, Results.volumeArray(heat) > results.threshold)
+        mask = Scene.segmentMask(seg_node, segment_id, volume)
+        assert_mask_is_heat_above(mask, Scene.volumeArray(heat), results.threshold)
     # probabilities in a table, in prompt order
     table = results.table.GetTable()
     assert results.table.IsA("vtkMRMLTableNode") and table.GetNumberOfRows() == 2
@@ -119,7 +141,7 @@ def test_dicom_radiograph_end_to_end(scene, logic, sample_dicom, tiny_model_dir)
     probs = [table.GetValueByName(r, "Probability").ToDouble() for r in range(2)]
     assert probs == pytest.approx(results.probabilities) and all(0 <= p <= 1 for p in probs)
     # beside the input (in its study) in the subject hierarchy
-    sh = Results.subjectHierarchy(scene)
+    sh = Scene.subjectHierarchy(scene)
     for node in results.nodes():
         assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
     # found again from the scene alone
@@ -138,7 +160,7 @@ def test_export_shows_the_model_what_the_clinician_sees(scene, sample_dicom, tmp
 
     volume = sf.load_dicom_volume(scene, sample_dicom)
     assert volume.GetDisplayNode().GetInvertDisplayScalarRange()
-    exported = read_image(Results.exportVolume(volume, tmp_path / "x.nrrd"))
+    exported = read_image(Scene.exportVolume(volume, tmp_path / "x.nrrd"))
     direct = read_image(sample_dicom)
     assert exported.array.shape == direct.array.shape
     assert np.allclose(exported.array, direct.array)
@@ -155,13 +177,12 @@ def test_covid_image_oblique_geometry_and_heatmap_voxels(scene, logic, shared_da
     volume.SetAndObserveTransformNodeID(transform.GetID())
 
     task = logic.startLocalization(volume, ["ground glass opacity"], model=str(tiny_model_dir), device="cpu")
-    out_dir = task.outDir
     engine_files = {}
 
     original_finish = task.finish
 
-    def keep_copy():  # read what the engine wrote before the task cleans up its folder
-        folder = next(p for p in out_dir.iterdir() if p.is_dir())
+    def keep_copy():  # read what the engine wrote (the folder its done line names) before the task cleans up
+        folder = Path(task.doneEvent()["outputs"][0])
         engine_files["heat"] = read_nrrd(next(folder.glob("heatmap_*.nrrd")))
         return original_finish()
 
@@ -170,8 +191,8 @@ def test_covid_image_oblique_geometry_and_heatmap_voxels(scene, logic, shared_da
     heat = results.heatmaps[0]
     assert_same_geometry(heat, volume)  # the oblique direction is kept
     assert heat.GetTransformNodeID() == transform.GetID() == results.segmentation.GetTransformNodeID()
-    engine = engine_files["heat"].reshape(Results.volumeArray(heat).shape)
-    assert np.array_equal(Results.volumeArray(heat), engine)  # same voxels, not transposed or flipped
+    engine = engine_files["heat"].reshape(Scene.volumeArray(heat).shape)
+    assert np.array_equal(Scene.volumeArray(heat), engine)  # same voxels, not transposed or flipped
 
 
 # --- threshold, label map ---------------------------------------------------------------------------
@@ -215,26 +236,28 @@ def constructed(scene, logic, tmp_path):
     rng = np.random.default_rng(0)
     array = (rng.random((1, 96, 128)) * 1000).astype(np.int16)
     volume = sf.add_volume(scene, array, sf.oblique_ijk_to_ras((0.5, 0.4, 1.0), (3.0, 4.0, 5.0)), "chest")
-    exported = Results.exportVolume(volume, tmp_path / "chest.nrrd")
+    exported = Scene.exportVolume(volume, tmp_path / "chest.nrrd")
     heat_a = square_heatmap((96, 128), (20, 60, 30, 90))
     heat_b = np.clip(np.linspace(-1, 1, 96 * 128).reshape(96, 128), -1, 1).astype(np.float32)
     folder = engine_results_folder(
         tmp_path, exported, [heat_a, heat_b], ["Findings suggesting pneumothorax", "lung lesion"]
     )
     before = sf.scene_snapshot(scene)
-    results = Results.importResults(scene, volume, folder)
+    results = SceneResults.importResults(scene, volume, folder)
     return volume, results, before, [heat_a, heat_b]
 
 
 def test_threshold_slider_updates_masks_without_the_network(logic, constructed, monkeypatch):
     volume, results, before, heats = constructed
     monkeypatch.setattr(Process.EngineProcess, "start", lambda self: pytest.fail("the network must not run"))
+    monkeypatch.setattr(Server.EngineServer, "start", lambda self: pytest.fail("the network must not run"))
+    heats = [Scene.volumeArray(h)[0].copy() for h in results.heatmaps]  # as the files hold them (8-bit steps)
     for threshold in (0.5, -0.2, 0.9):
         masks = logic.updateMasks(results, threshold)
         for heat, segment_id, mask in zip(heats, results.segmentIds, masks):
             expected = heat[None] > threshold
             assert np.array_equal(mask, expected)
-            assert np.array_equal(Results.segmentMask(results.segmentation, segment_id, volume), expected)
+            assert np.array_equal(Scene.segmentMask(results.segmentation, segment_id, volume), expected)
         pixels = [results.table.GetTable().GetValueByName(r, "Mask pixels").ToInt() for r in range(2)]
         assert pixels == [int((h > threshold).sum()) for h in heats]
     assert logic.resultsFor(volume).threshold == 0.9
@@ -243,16 +266,17 @@ def test_threshold_slider_updates_masks_without_the_network(logic, constructed, 
 
 
 def test_labelmap_on_request_follows_the_threshold_and_is_removed(scene, logic, constructed):
-    volume, results, before, heats = constructed
+    volume, results, before, _ = constructed
+    heats = [Scene.volumeArray(h)[0].copy() for h in results.heatmaps]  # as the files hold them (8-bit steps)
     label = logic.exportLabelmap(results)
     assert label.IsA("vtkMRMLLabelMapVolumeNode")
     assert_same_geometry(label, volume)
-    values = Results.volumeArray(label)
+    values = Scene.volumeArray(label)
     assert values.shape == (1, 96, 128)
     assert set(np.unique(values)) <= {0, 1, 2}
     assert np.array_equal(values > 0, (heats[0] > 0.3)[None] | (heats[1] > 0.3)[None])
     logic.updateMasks(results, 0.8)
-    assert np.array_equal(Results.volumeArray(label) > 0, (heats[0] > 0.8)[None] | (heats[1] > 0.8)[None])
+    assert np.array_equal(Scene.volumeArray(label) > 0, (heats[0] > 0.8)[None] | (heats[1] > 0.8)[None])
     logic.removeResults(logic.resultsFor(volume))
     assert sf.scene_snapshot(scene) == before
 
@@ -272,20 +296,20 @@ def test_show_results_puts_the_heatmap_over_the_input(scene, logic, constructed)
 def test_import_is_all_or_nothing(scene, logic, tmp_path):
     array = np.zeros((1, 40, 50), np.int16)
     volume = sf.add_volume(scene, array, name="img")
-    exported = Results.exportVolume(volume, tmp_path / "img.nrrd")
+    exported = Scene.exportVolume(volume, tmp_path / "img.nrrd")
     folder = engine_results_folder(tmp_path, exported, [np.zeros((40, 50)), np.ones((40, 50)) * 0.5], ["a b", "c d"])
     second = next(p for p in folder.glob("heatmap_*.nrrd") if "c_d" in p.name)
     second.write_bytes(b"NRRD0004\ntruncated")
     before = sf.scene_snapshot(scene)
     with pytest.raises(AFLocSlicerError, match="heatmap"):
-        Results.importResults(scene, volume, folder)
+        SceneResults.importResults(scene, volume, folder)
     assert sf.scene_snapshot(scene) == before
     # a heatmap of the wrong size (results of another image) is refused too
     other = sf.add_volume(scene, np.zeros((1, 30, 50), np.int16), name="other")
     before = sf.scene_snapshot(scene)
     folder = engine_results_folder(tmp_path, exported, [np.zeros((40, 50))], ["a b"])
     with pytest.raises(AFLocSlicerError, match="voxels"):
-        Results.importResults(scene, other, folder)
+        SceneResults.importResults(scene, other, folder)
     assert sf.scene_snapshot(scene) == before
 
 
@@ -325,17 +349,20 @@ def test_cancel_kills_the_job_and_leaves_the_scene(scene, logic, tiny_model_dir)
     volume = sf.add_volume(scene, np.zeros((1, 64, 64), np.int16), name="img")
     before = sf.scene_snapshot(scene)
     task = logic.startLocalization(volume, ["pneumothorax"], model=str(tiny_model_dir), device="cpu")
-    pid, work_dir = task.process.proc.pid, task.workDir
+    pid, work_dir = logic.server.proc.pid, task.workDir
     time.sleep(0.5)
     assert task.poll()
     task.cancel()
     with pytest.raises(JobCancelled):
         task.wait(30)
     assert task.process.state == Process.CANCELLED
-    with pytest.raises(ProcessLookupError):
+    with pytest.raises(ProcessLookupError):  # Cancel kills the warm engine (its whole process group)
         os.kill(pid, 0)
     assert not work_dir.exists()
     assert sf.scene_snapshot(scene) == before
+    # the next job starts a new engine
+    results = logic.localize(volume, ["pneumothorax"], model=str(tiny_model_dir), device="cpu", timeout=TIMEOUT)
+    assert len(results.heatmaps) == 1 and logic.server.alive and logic.server.proc.pid != pid
 
 
 def test_engine_error_is_reported_and_nothing_added(scene, logic, tmp_path):
@@ -357,7 +384,8 @@ def fake_python(tmp_path, body: str) -> str:
 
 
 @pytest.mark.slow
-def test_gpu_out_of_memory_falls_back_to_cpu(scene, logic, tmp_path, tiny_model_dir):
+def test_gpu_out_of_memory_falls_back_to_cpu(scene, cold_logic, tmp_path, tiny_model_dir):
+    logic = cold_logic
     calls = tmp_path / "calls.txt"
     logic.python = fake_python(
         tmp_path,
@@ -387,7 +415,7 @@ def painted_segmentation(scene, volume, mask, name="pneumothorax"):
     seg.CreateDefaultDisplayNodes()
     seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     segment_id = seg.GetSegmentation().AddEmptySegment("", name, [1, 0, 0])
-    Results.setSegmentMask(seg, segment_id, mask, volume)
+    Scene.setSegmentMask(seg, segment_id, mask, volume)
     return seg, segment_id
 
 
@@ -438,7 +466,8 @@ for step in range(1, steps + 1):
     time.sleep(SLEEP)
 adapter = out / f"{finding}-20260101-000000"
 adapter.mkdir(parents=True)
-meta = {"finding": finding, "base_model_id": "tiny@test", "checks": checks, "device": device}
+meta = {"finding": finding, "base_model_id": "tiny@test", "checks": checks, "device": device,
+        "training_examples": [Path(i).name for i in images]}
 (adapter / "adapter.json").write_text(json.dumps(meta))
 (adapter / "adapter.safetensors").write_bytes(b"")
 warnings = ["one example: give at least 3 examples"] if len(images) < 2 else []
@@ -452,9 +481,9 @@ def fake_finetune_engine(tmp_path, sleep=0.0):
     return fake_python(tmp_path, f'exec {sys.executable} {script} "$@"\n')
 
 
-def test_finetune_runs_in_background_and_installs_the_adapter(scene, logic, tmp_path, monkeypatch):
+def test_finetune_runs_in_background_and_installs_the_adapter(scene, cold_logic, tmp_path):
     """Against the documented ``afloc finetune`` interface, with a stand-in engine (the real one may not be here)."""
-    monkeypatch.setattr(AFLocLogic, "engineOptions", lambda self, sub: {"--images", "--masks", "--finding", "--out"})
+    logic = cold_logic
     logic.python = fake_finetune_engine(tmp_path)
     volumes = []
     for i in range(2):
@@ -476,6 +505,7 @@ def test_finetune_runs_in_background_and_installs_the_adapter(scene, logic, tmp_
     meta = json.loads((adapter / "adapter.json").read_text())
     assert [c["mask_pixels"] for c in meta["checks"]] == [n for _, n in volumes]
     assert all(c["same_grid"] for c in meta["checks"])
+    assert meta["training_examples"] == ["v0 / pneumothorax", "v1 / pneumothorax"]  # node names, not temp files
     listed = logic.listAdapters()
     assert [a["path"] for a in listed] == [str(adapter)] and listed[0]["finding"] == "pneumothorax"
     assert sf.scene_snapshot(scene) == before
@@ -485,8 +515,8 @@ def test_finetune_runs_in_background_and_installs_the_adapter(scene, logic, tmp_
         logic.startFinetune("effusion")
 
 
-def test_cancelled_finetune_installs_nothing(scene, logic, tmp_path, monkeypatch):
-    monkeypatch.setattr(AFLocLogic, "engineOptions", lambda self, sub: set())
+def test_cancelled_finetune_installs_nothing(scene, cold_logic, tmp_path):
+    logic = cold_logic
     logic.python = fake_finetune_engine(tmp_path, sleep=5.0)
     volume = sf.add_volume(scene, np.zeros((1, 40, 48), np.int16), name="v")
     mask = np.zeros((1, 40, 48), bool)
@@ -503,18 +533,21 @@ def test_cancelled_finetune_installs_nothing(scene, logic, tmp_path, monkeypatch
     assert logic.listAdapters() == [] and not task.workDir.exists()
 
 
-def test_finetune_needs_an_engine_that_can(scene, logic, monkeypatch):
-    """An engine without ``afloc finetune`` gives a message that says so, before anything is exported."""
-    import afloc_engine.cli
-
-    monkeypatch.setitem(afloc_engine.cli.SUBCOMMANDS, "finetune", ("afloc_engine.cli._not_here_", "fine-tuning"))
+def test_finetune_needs_an_engine_that_can(scene, cold_logic, tmp_path):
+    """An engine without ``afloc finetune``: its own error is the message (no peeking at its argparse)."""
+    logic = cold_logic
+    logic.python = fake_python(
+        tmp_path, "echo \"afloc: error: argument COMMAND: invalid choice: 'finetune'\" >&2\nexit 2\n"
+    )
     volume = sf.add_volume(scene, np.zeros((1, 40, 48), np.int16), name="v")
     mask = np.zeros((1, 40, 48), bool)
     mask[0, 1:5, 1:5] = True
     seg, sid = painted_segmentation(scene, volume, mask)
     logic.addTrainingExample(volume, seg, sid)
-    with pytest.raises(AFLocSlicerError, match="no 'finetune' command yet"):
-        logic.startFinetune("pneumothorax")
+    before = sf.scene_snapshot(scene)
+    with pytest.raises(AFLocSlicerError, match="afloc finetune failed: .*invalid choice: 'finetune'"):
+        logic.startFinetune("pneumothorax").wait(30)
+    assert logic.listAdapters() == [] and sf.scene_snapshot(scene) == before
 
 
 def test_uncertainty_score_prefers_unsure_images():
@@ -584,30 +617,28 @@ def test_ct_volume_slice_by_slice(scene, logic, tiny_model_dir):
         volume, ["Findings suggesting pneumothorax"], model=str(tiny_model_dir), device="cpu", timeout=TIMEOUT
     )
     heat = results.heatmaps[0]
-    assert Results.volumeArray(heat).shape == (6, 40, 48)
+    assert Scene.volumeArray(heat).shape == (6, 40, 48)
     assert_same_geometry(heat, volume)
-    mask = Results.segmentMask(results.segmentation, results.segmentIds[0], volume)
-    assert mask.shape == (6, 40, 48) and np.array_equal(mask, Results.volumeArray(heat) > results.threshold)
+    mask = Scene.segmentMask(results.segmentation, results.segmentIds[0], volume)
+    assert mask.shape == (6, 40, 48)
+    assert_mask_is_heat_above(mask, Scene.volumeArray(heat), results.threshold)
     logic.removeResults(results)
     assert sf.scene_snapshot(scene) == before
 
 
-def test_selected_adapter_is_passed_to_the_engine(scene, logic, tmp_path, monkeypatch):
-    """With an adapter selected, localize gets ``--adapter PATH`` (or a clear error if the engine cannot)."""
+def test_selected_adapter_is_passed_to_the_engine(scene, cold_logic, tmp_path):
+    """With an adapter selected, localize gets ``--adapter PATH``; a folder that is no adapter is a clear error."""
+    logic = cold_logic
     adapter = tmp_path / "adapters" / "pneumothorax-20260101-000000"
     adapter.mkdir(parents=True)
     (adapter / "adapter.json").write_text(json.dumps({"finding": "pneumothorax", "base_model_id": "tiny@test:1"}))
     argv_file = tmp_path / "argv.txt"
     logic.python = fake_python(tmp_path, f'printf "%s\\n" "$@" > {argv_file}\nexit 3\n')
     volume = sf.add_volume(scene, np.zeros((1, 32, 32), np.int16), name="img")
-    monkeypatch.setattr(AFLocLogic, "engineOptions", lambda self, sub: {"--adapter"})
     with pytest.raises(AFLocSlicerError, match="afloc localize failed"):
         logic.localize(volume, ["pneumothorax"], adapter=str(adapter), timeout=30)
     argv = argv_file.read_text().splitlines()
     assert argv[argv.index("--adapter") + 1] == str(adapter)
-    monkeypatch.setattr(AFLocLogic, "engineOptions", lambda self, sub: set())
-    with pytest.raises(AFLocSlicerError, match="cannot apply adapters yet"):
-        logic.startLocalization(volume, ["pneumothorax"], adapter=str(adapter))
     with pytest.raises(AFLocSlicerError, match="not an AFLoc adapter folder"):
         logic.startLocalization(volume, ["pneumothorax"], adapter=str(tmp_path))
     assert [a["name"] for a in logic.listAdapters()] == [adapter.name]
@@ -623,10 +654,18 @@ def test_parameters_survive_saving_the_scene(scene, logic, tmp_path):
     params.threshold = 0.42
     params.device = "cpu"
     params.createLabelmap = True
-    params.trainingExamples = [{"volume": volume.GetID(), "segmentation": "x", "segment": "s", "finding": "f"}]
+    mask = np.zeros((1, 8, 8), bool)
+    mask[0, 2:5, 2:5] = True
+    seg, sid = painted_segmentation(scene, volume, mask)
+    example = logic.addTrainingExample(volume, seg, sid, "effusion")
+    assert params.trainingExamples == [example]  # node references, not IDs in a string
     with pytest.raises(AttributeError):
         params.thresold = 0.1  # a typo is an error, not a silent new setting
     path = tmp_path / "scene.mrml"
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")  # the painted mask is saved too
+    storage.SetFileName(str(tmp_path / "corrected.seg.nrrd"))
+    seg.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.WriteData(seg)
     scene.SetURL(str(path))
     assert scene.Commit()
     reloaded = sf.make_scene()
@@ -634,6 +673,13 @@ def test_parameters_survive_saving_the_scene(scene, logic, tmp_path):
     assert reloaded.Connect()
     again = AFLocParameters.get(reloaded)
     assert again.prompts == params.prompts and again.threshold == pytest.approx(0.42)
-    assert again.device == "cpu" and again.createLabelmap is True and again.opacity == 0.5
-    assert again.trainingExamples == params.trainingExamples
+    assert again.device == "cpu" and again.createLabelmap is True and again.opacity == 0.8
+    (kept,) = again.trainingExamples
+    assert (kept.volume.GetName(), kept.segmentation.GetName(), kept.segmentId, kept.finding) == (
+        "img",
+        seg.GetName(),
+        sid,
+        "effusion",
+    )
+    assert kept.volume.GetScene() is reloaded and kept.segmentation.GetScene() is reloaded
     assert again.inputVolume is not None and again.inputVolume.GetName() == "img"

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("slicer", reason="slicer-core (headless MRML) is not installed")
 
 import slicer_fakes as sf  # noqa: E402
-from AFLocSlicerLib import Results  # noqa: E402
+from AFLocSlicerLib import Scene  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "AFLocSlicer"
@@ -56,17 +56,31 @@ def test_ui_file_parses_and_has_every_widget_the_code_uses():
     assert widgets["inputSelector"] == "qMRMLNodeComboBox"
 
 
+LIBRARY = sorted(p.stem for p in (MODULE_DIR / "AFLocSlicerLib").glob("*.py") if p.stem != "__init__")
+
+
 def test_nothing_is_installed_or_imported_at_import_time():
-    """Importing the module's library pulls in neither torch nor the engine, and calls no installer."""
+    """Importing the module (AFLocSlicer.py, with Slicer's shell faked) and every file of its library pulls in
+    neither torch nor the engine, and calls no installer."""
+    assert {"Logic", "Tasks", "Scene", "SceneResults", "Display", "Terminology", "Server", "Widget"} <= set(LIBRARY)
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "import sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2]);"
         "import slicer; slicer.util.pip_install = lambda *a, **k: sys.exit('pip_install called');"
-        "import AFLocSlicerLib.Logic, AFLocSlicerLib.Results, AFLocSlicerLib.Process, AFLocSlicerLib.InstallLogic;"
-        "import AFLocSlicerLib.Parameters;"
-        "bad = [m for m in ('torch', 'afloc_engine', 'monai', 'transformers') if m in sys.modules];"
+        "import slicer_fakes as sf;"
+        "sys.modules['qt'] = sf.fake_qt(); sys.modules['ctk'] = type(sys)('ctk');"
+        "sys.modules['slicer.ScriptedLoadableModule'] = slicer.ScriptedLoadableModule = "
+        "sf.fake_scripted_loadable_module();"
+        "import AFLocSlicer;"
+        + "".join(f"import AFLocSlicerLib.{name};" for name in LIBRARY)
+        + "bad = [m for m in ('torch', 'afloc_engine', 'monai', 'transformers') if m in sys.modules];"
         "sys.exit(f'imported at import time: {bad}' if bad else 0)"
     )
-    run = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(MODULE_DIR), str(MODULE_DIR.parent / "Testing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr[-2000:] + run.stdout[-500:]
 
 
@@ -90,7 +104,7 @@ def gui(monkeypatch, tmp_path, tiny_model_dir):
     ui.modelComboBox.addItem("tiny (test)", str(tiny_model_dir))  # as an installed model would appear
     ui.modelComboBox.choose("tiny")
     ui.deviceComboBox.choose("CPU")
-    return type(
+    yield type(
         "Gui",
         (),
         {
@@ -103,6 +117,9 @@ def gui(monkeypatch, tmp_path, tiny_model_dir):
             "info": sf_module,
         },
     )
+    widget.cleanup()  # as when Slicer exits: stops the warm engine
+    if controller.logic.server is not None:
+        assert not controller.logic.server.alive
 
 
 @pytest.fixture(scope="session")
@@ -156,7 +173,7 @@ def test_panel_localize_threshold_opacity_remove(gui, sample_dicom):
     run_timer_until_idle(gui)
     assert gui.record.errors == []
     assert ui.statusLabel.text.startswith("Done: 2 heatmap(s)") and "untrained" in ui.statusLabel.text
-    assert [ui.resultComboBox.itemText(i).split(" (")[0] for i in range(ui.resultComboBox.count)] == [
+    assert [ui.resultComboBox.itemText(i).split(":")[0] for i in range(ui.resultComboBox.count)] == [
         "pneumothorax",
         "cardiomegaly",
     ]
@@ -173,8 +190,8 @@ def test_panel_localize_threshold_opacity_remove(gui, sample_dicom):
     assert gui.c.thresholdTimer.isActive() and not gui.c.pollTimer.isActive()
     gui.c.thresholdTimer.fire()
     for heat, segment_id in zip(results.heatmaps, results.segmentIds):
-        mask = Results.segmentMask(results.segmentation, segment_id, volume)
-        assert np.array_equal(mask, Results.volumeArray(heat) > 0.65)
+        mask = Scene.segmentMask(results.segmentation, segment_id, volume)
+        assert np.array_equal(mask, Scene.volumeArray(heat) > 0.65)
     assert gui.c.logic.parameters.threshold == pytest.approx(0.65)
     # label map on request
     ui.createLabelmapCheckBox.checked = True
@@ -240,11 +257,10 @@ def test_declined_install_runs_nothing(gui, monkeypatch):
 
 def test_panel_few_shot_loop_with_a_stand_in_engine(gui, tmp_path, monkeypatch):
     """Add examples, fine-tune (stand-in engine: documented interface), the new adapter becomes the selected one."""
-    from AFLocSlicerLib.Logic import AFLocLogic
     from test_slicer_logic import fake_finetune_engine
 
     ui, scene, c = gui.ui, gui.scene, gui.c
-    monkeypatch.setattr(AFLocLogic, "engineOptions", lambda self, sub: set())
+    c.logic.server = None  # the stand-in speaks the one-shot CLI only: one process per job
     c.logic.python = fake_finetune_engine(tmp_path)
     for i in range(2):
         volume = sf.add_volume(scene, np.zeros((1, 32, 32), np.int16), name=f"case{i}")
@@ -253,7 +269,7 @@ def test_panel_few_shot_loop_with_a_stand_in_engine(gui, tmp_path, monkeypatch):
         segment_id = seg.GetSegmentation().AddEmptySegment("", "pneumothorax", [1, 0, 0])
         mask = np.zeros((1, 32, 32), bool)
         mask[0, 4:12, 6:20] = True
-        Results.setSegmentMask(seg, segment_id, mask, volume)
+        Scene.setSegmentMask(seg, segment_id, mask, volume)
         ui.inputSelector.setCurrentNode(volume)
         ui.trainingSegmentSelector.setCurrentNode(seg)
         ui.trainingSegmentSelector.setCurrentSegmentID(segment_id)

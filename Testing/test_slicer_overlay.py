@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("slicer", reason="slicer-core (headless MRML) is not installed")
 
 import slicer_fakes as sf  # noqa: E402
-from AFLocSlicerLib import Results  # noqa: E402
+from AFLocSlicerLib import Scene, SceneResults  # noqa: E402
 from AFLocSlicerLib.Logic import AFLocLogic  # noqa: E402
 from test_slicer_logic import engine_results_folder  # noqa: E402
 
@@ -41,9 +41,9 @@ def show_and_composite(scene, tmp_path, volume, region: np.ndarray, prompt: str,
     """Import engine results whose heatmap is hot over ``region`` (H, W); return (composite, background-only,
     view->voxel map, results)."""
     logic = AFLocLogic(scene, python="unused", env={}, adaptersDir=tmp_path / "adapters")
-    exported = Results.exportVolume(volume, tmp_path / "input.nrrd")
+    exported = Scene.exportVolume(volume, tmp_path / "input.nrrd")
     folder = engine_results_folder(tmp_path, exported, [heat_from_mask(region)], [prompt], probabilities=[0.8])
-    results = Results.importResults(scene, volume, folder)
+    results = SceneResults.importResults(scene, volume, folder)
     logic.showResults(results, 0, opacity)
     label = logic.exportLabelmap(results)
     plain = sf.composite_png(scene, volume, None, 0.0, None, SIZE)
@@ -86,7 +86,7 @@ def check_hot_over_region(seen: np.ndarray, plain: np.ndarray, region: np.ndarra
 def test_heatmap_lies_over_a_known_square_on_the_dicom_radiograph(tmp_path, sample_dicom):
     scene = sf.make_scene()
     volume = sf.load_dicom_volume(scene, sample_dicom)
-    h, w = Results.volumeArray(volume).shape[1:]
+    h, w = Scene.volumeArray(volume).shape[1:]
     region = np.zeros((h, w), bool)
     region[h // 5 : h // 2, w // 2 : w - w // 6] = True  # upper right of the image
     seen, plain, ijk, _ = show_and_composite(scene, tmp_path, volume, region, "Findings suggesting pneumothorax")

@@ -11,6 +11,8 @@ import pytest
 import slicer_fakes as sf  # noqa: F401  (puts AFLocSlicer/ on sys.path)
 from AFLocSlicerLib import Process
 
+from afloc_engine import protocol
+
 
 def child(code: str) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent(code)]
@@ -115,5 +117,5 @@ def test_a_missing_interpreter_is_a_failure_not_a_crash(tmp_path):
 def test_engine_command_adds_json_progress():
     argv = Process.engine_command("py", "localize", ["a.nrrd", "--prompt", "x"])
     assert argv == ["py", "-m", "afloc_engine", "localize", "a.nrrd", "--prompt", "x", "--progress", "json"]
-    assert Process.parse_line('{"event": "progress", "step": 1}') == {"event": "progress", "step": 1}
-    assert Process.parse_line("{not json}") is None and Process.parse_line('{"no_event": 1}') is None
+    assert protocol.parse_line('{"event": "progress", "step": 1}') == {"event": "progress", "step": 1}
+    assert protocol.parse_line("{not json}") is None and protocol.parse_line('{"no_event": 1}') is None

@@ -1,16 +1,12 @@
 """The engine CLI in a background process, polled without ever blocking the GUI.
 
 ``EngineProcess`` starts ``python -m afloc_engine <command> ... --progress json`` as a child
-process in its own process group; a reader thread moves its output lines into a queue and
-:meth:`EngineProcess.poll` (called by a ``QTimer`` in Slicer, or by :meth:`wait` in scripts and
-tests) parses the JSON lines the engine writes (``afloc_engine.progress``)::
-
-    {"event": "progress", "step": 3, "total": 10, "message": "...", "eta_s": 4.2, "loss": 0.31}
-    {"event": "done", ...}
-    {"event": "error", "message": "...", "path": "..."}
-
-Other lines (warnings, tracebacks) are kept as the log. :meth:`cancel` kills the whole process
-group (the engine and anything it started), so Cancel really stops the work.
+process in its own process group (a *cold* run: it loads the model itself; the warm engine that
+keeps it loaded is :mod:`AFLocSlicerLib.Server`). A reader thread moves its output lines into a
+queue and :meth:`EngineProcess.poll` (called by a ``QTimer`` in Slicer, or by :meth:`wait` in
+scripts and tests) parses the JSON-line events of ``afloc_engine.protocol`` (progress, done,
+error). Other lines (warnings, tracebacks) are kept as the log. :meth:`cancel` kills the whole
+process group (the engine and anything it started), so Cancel really stops the work.
 """
 
 from __future__ import annotations
@@ -43,7 +39,7 @@ KILL_GRACE_S = 3.0
 
 
 @dataclass
-class Progress:
+class JobProgress:
     """The last progress report of a job: ``step`` of ``total`` steps, ``eta_s`` seconds left (None: unknown)."""
 
     step: int = 0
@@ -58,18 +54,6 @@ class Progress:
         return min(1.0, self.step / self.total) if self.total > 0 else 0.0
 
 
-def parse_line(line: str) -> dict[str, Any] | None:
-    """One output line -> the engine's JSON event dict, or None for a plain log line."""
-    text = line.strip()
-    if not (text.startswith("{") and text.endswith("}")):
-        return None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("event"), str) else None
-
-
 def engine_command(python: str, subcommand: str, arguments: Sequence[str]) -> list[str]:
     """``[python, -m, afloc_engine, subcommand, *arguments, --progress, json]`` (the argv of a job)."""
     args = [str(a) for a in arguments]
@@ -78,42 +62,155 @@ def engine_command(python: str, subcommand: str, arguments: Sequence[str]) -> li
     return [python, "-m", "afloc_engine", subcommand, *args]
 
 
-class EngineProcess:
-    """One engine CLI run in a child process: start, poll (non-blocking), cancel, wait.
+class JobEvents:
+    """What a background job has said so far: progress, the done and error events, the log.
 
-    ``onProgress(Progress)`` is called for every progress line and ``onLog(str)`` for every other
-    line, both from :meth:`poll` (so from the GUI thread when a QTimer drives it).
+    Shared by a cold run (:class:`EngineProcess`) and a request to the warm engine
+    (``Server.ServerJob``). ``onProgress(JobProgress)`` is called for every progress event and
+    ``onLog(str)`` for every other line, both from ``poll`` (the GUI thread when a QTimer drives it).
     """
+
+    state: str = PENDING
+    returncode: int | None = None
+
+    def _initEvents(
+        self, onProgress: Callable[[JobProgress], None] | None, onLog: Callable[[str], None] | None
+    ) -> None:
+        self.onProgress = onProgress
+        self.onLog = onLog
+        self.progress = JobProgress()
+        self.doneEvent: dict[str, Any] | None = None
+        self.errorEvent: dict[str, Any] | None = None
+        self.logLines: deque[str] = deque(maxlen=200)
+        self.startTime: float | None = None
+        self.endTime: float | None = None
+
+    def _handleLine(self, line: str) -> None:
+        from afloc_engine import protocol
+
+        event = protocol.parse_line(line)
+        if event is None:
+            text = line.rstrip("\r\n")
+            if text:
+                self.logLines.append(text)
+                if self.onLog:
+                    self.onLog(text)
+            return
+        self._handleEvent(event)
+
+    def _handleEvent(self, event: dict[str, Any]) -> None:
+        from afloc_engine import protocol
+
+        kind = event[protocol.EVENT]
+        if kind == protocol.PROGRESS:
+            self.progress = JobProgress(
+                int(event.get(protocol.STEP) or 0),
+                int(event.get(protocol.TOTAL) or 0),
+                str(event.get(protocol.MESSAGE) or ""),
+                event.get(protocol.ETA_S),
+                {k: v for k, v in event.items() if k not in protocol.PROGRESS_KEYS},
+            )
+            if self.onProgress:
+                self.onProgress(self.progress)
+        elif kind == protocol.DONE:
+            self.doneEvent = event
+        elif kind == protocol.ERROR:
+            self.errorEvent = event
+            if self.onLog:
+                self.onLog(f"error: {event.get(protocol.ERROR_MESSAGE, '')}")
+        elif self.onLog:
+            self.onLog(json.dumps(event))
+
+    def _reportPhase(self, message: str, phase: str) -> None:
+        """A progress report made here (e.g. 'starting the engine') before the engine says anything."""
+        self.progress = JobProgress(0, 0, message, None, {"phase": phase})
+        if self.onProgress:
+            self.onProgress(self.progress)
+
+    def poll(self) -> bool:  # pragma: no cover (subclasses)
+        raise NotImplementedError
+
+    def cancel(self) -> None:  # pragma: no cover (subclasses)
+        raise NotImplementedError
+
+    def _killNow(self) -> None:
+        """After a timeout: stop at once (subclasses)."""
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> str:
+        """Poll until the job ends (for scripts and tests; the GUI uses a QTimer). Returns the final state.
+
+        On timeout the job is cancelled and killed, and :class:`TimeoutError` is raised.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll():
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                self._killNow()
+                while self.poll():
+                    time.sleep(interval)
+                raise TimeoutError(f"engine job did not finish within {timeout} s")
+            time.sleep(interval)
+        return self.state
+
+    @property
+    def running(self) -> bool:
+        return self.state == RUNNING
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since start (until the end once finished)."""
+        if self.startTime is None:
+            return 0.0
+        return (self.endTime or time.monotonic()) - self.startTime
+
+    @property
+    def outOfMemory(self) -> bool:
+        """True when the job failed because the GPU (or host) ran out of memory."""
+        text = " ".join([str((self.errorEvent or {}).get("message", "")), *list(self.logLines)[-30:]]).lower()
+        return self.state == FAILED and any(marker in text for marker in OUT_OF_MEMORY_MARKERS)
+
+    @property
+    def errorMessage(self) -> str:
+        """What went wrong, for a message box: the engine's own error line, else the end of its log."""
+        if self.state == CANCELLED:
+            return "cancelled"
+        if self.errorEvent:
+            message = str(self.errorEvent.get("message", "")).strip()
+            path = self.errorEvent.get("path")
+            return f"{path}: {message}" if path and str(path) not in message else message
+        lines = [ln for ln in self.logLines if ln.strip()]
+        for line in reversed(lines):  # the last exception line of a traceback says the most
+            if "Error" in line or "error:" in line:
+                return line.strip()
+        tail = "\n".join(lines[-5:])
+        return tail or f"the engine exited with code {self.returncode}"
+
+
+class EngineProcess(JobEvents):
+    """One engine CLI run in a child process (a cold run): start, poll (non-blocking), cancel, wait."""
 
     def __init__(
         self,
         argv: Sequence[str],
         env: dict[str, str] | None = None,
         cwd: str | None = None,
-        onProgress: Callable[[Progress], None] | None = None,
+        onProgress: Callable[[JobProgress], None] | None = None,
         onLog: Callable[[str], None] | None = None,
         popen: Callable[..., subprocess.Popen] = subprocess.Popen,
     ) -> None:
+        self._initEvents(onProgress, onLog)
         self.argv = [str(a) for a in argv]
         self.env = env
         self.cwd = cwd
-        self.onProgress = onProgress
-        self.onLog = onLog
         self._popen = popen
         self.proc: subprocess.Popen | None = None
         self.state = PENDING
         self.returncode: int | None = None
-        self.progress = Progress()
-        self.doneEvent: dict[str, Any] | None = None
-        self.errorEvent: dict[str, Any] | None = None
-        self.logLines: deque[str] = deque(maxlen=200)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader: threading.Thread | None = None
         self._eof = False
         self._cancelTime: float | None = None
         self._killed = False
-        self.startTime: float | None = None
-        self.endTime: float | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -173,36 +270,6 @@ class EngineProcess:
             return False
         return True
 
-    def _handleLine(self, line: str) -> None:
-        event = parse_line(line)
-        if event is None:
-            text = line.rstrip("\r\n")
-            if text:
-                self.logLines.append(text)
-                if self.onLog:
-                    self.onLog(text)
-            return
-        kind = event["event"]
-        if kind == "progress":
-            known = {"event", "step", "total", "message", "eta_s"}
-            self.progress = Progress(
-                int(event.get("step") or 0),
-                int(event.get("total") or 0),
-                str(event.get("message") or ""),
-                event.get("eta_s"),
-                {k: v for k, v in event.items() if k not in known},
-            )
-            if self.onProgress:
-                self.onProgress(self.progress)
-        elif kind == "done":
-            self.doneEvent = event
-        elif kind == "error":
-            self.errorEvent = event
-            if self.onLog:
-                self.onLog(f"error: {event.get('message', '')}")
-        elif self.onLog:
-            self.onLog(json.dumps(event))
-
     def _finish(self) -> None:
         self.returncode = self.proc.returncode
         self.endTime = time.monotonic()
@@ -237,55 +304,8 @@ class EngineProcess:
             pass
         self._killed = self._killed or kill
 
-    def wait(self, timeout: float | None = None, interval: float = 0.05) -> str:
-        """Poll until the job ends (for scripts and tests; the GUI uses a QTimer). Returns the final state.
-
-        On timeout the job is cancelled and killed, and :class:`TimeoutError` is raised.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll():
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
-                self._signal(kill=True)
-                while self.poll():
-                    time.sleep(interval)
-                raise TimeoutError(f"engine job did not finish within {timeout} s: {' '.join(self.argv[:5])} ...")
-            time.sleep(interval)
-        return self.state
-
-    # --- results -----------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self.state == RUNNING
-
-    @property
-    def elapsed(self) -> float:
-        """Seconds since start (until the end once finished)."""
-        if self.startTime is None:
-            return 0.0
-        return (self.endTime or time.monotonic()) - self.startTime
-
-    @property
-    def outOfMemory(self) -> bool:
-        """True when the job failed because the GPU (or host) ran out of memory."""
-        text = " ".join([str((self.errorEvent or {}).get("message", "")), *list(self.logLines)[-30:]]).lower()
-        return self.state == FAILED and any(marker in text for marker in OUT_OF_MEMORY_MARKERS)
-
-    @property
-    def errorMessage(self) -> str:
-        """What went wrong, for a message box: the engine's own error line, else the end of its log."""
-        if self.state == CANCELLED:
-            return "cancelled"
-        if self.errorEvent:
-            message = str(self.errorEvent.get("message", "")).strip()
-            path = self.errorEvent.get("path")
-            return f"{path}: {message}" if path and str(path) not in message else message
-        lines = [ln for ln in self.logLines if ln.strip()]
-        for line in reversed(lines):  # the last exception line of a traceback says the most
-            if "Error" in line or "error:" in line:
-                return line.strip()
-        tail = "\n".join(lines[-5:])
-        return tail or f"the engine exited with code {self.returncode}"
+    def _killNow(self) -> None:
+        self._signal(kill=True)
 
 
 def defaultPython() -> str:

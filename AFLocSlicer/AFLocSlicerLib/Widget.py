@@ -14,11 +14,13 @@ from typing import Any
 import qt
 import slicer
 
-from AFLocSlicerLib import Results
+from AFLocSlicerLib import Display
 from AFLocSlicerLib.Errors import AFLocSlicerError, JobCancelled
 from AFLocSlicerLib.InstallLogic import DependencyInstaller
-from AFLocSlicerLib.Logic import AFLocLogic, EngineTask, FinetuneTask, LocalizationTask, SuggestionTask
-from AFLocSlicerLib.Process import Progress
+from AFLocSlicerLib.Logic import AFLocLogic
+from AFLocSlicerLib.Process import JobProgress
+from AFLocSlicerLib.SceneResults import AFLocResults
+from AFLocSlicerLib.Tasks import EngineTask, FinetuneTask, LocalizationTask, SuggestionTask
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ class AFLocWidgetController:
         self.dependenciesReady = False
         self._updating = False
         self._suggestionIds: list[str] = []
+        self._shown: list[tuple[AFLocResults, int]] = []
+        """(run, prompt index) of each item of the result combo box."""
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(POLL_MS)
         self.pollTimer.timeout.connect(self.onPoll)
@@ -76,6 +80,8 @@ class AFLocWidgetController:
         ui.resultComboBox.currentIndexChanged.connect(self.onResultChosen)
         ui.opacitySliderWidget.valueChanged.connect(self.onOpacityChanged)
         ui.createLabelmapCheckBox.toggled.connect(self.onCreateLabelmapToggled)
+        ui.replaceResultsCheckBox.toggled.connect(self.updateParametersFromGUI)
+        ui.epochsSpinBox.valueChanged.connect(self.updateParametersFromGUI)
         ui.removeResultsButton.clicked.connect(self.onRemoveResults)
         ui.addExampleButton.clicked.connect(self.onAddExample)
         ui.removeExampleButton.clicked.connect(self.onRemoveExample)
@@ -94,7 +100,7 @@ class AFLocWidgetController:
         except ImportError:
             combo.addItem("(install the AFLoc engine first: Advanced)", "")
             return
-        combo.addItem("Choose a chest finding...", "")
+        combo.addItem("Choose a chest finding…", "")
         for finding in CXR_FINDINGS:
             combo.addItem(finding, TEMPLATE.format(finding=finding))
 
@@ -132,12 +138,12 @@ class AFLocWidgetController:
         params = self.logic.parameters
         params.inputVolume = self.ui.inputSelector.currentNode()
         params.prompts = self.prompts()
-        params.threshold = float(self.ui.thresholdSliderWidget.value)
         params.device = self.ui.deviceComboBox.currentData or "auto"
         params.model = self.ui.modelComboBox.currentData or "default"
         params.adapter = self.ui.adapterComboBox.currentData or ""
         params.opacity = float(self.ui.opacitySliderWidget.value)
         params.createLabelmap = bool(self.ui.createLabelmapCheckBox.checked)
+        params.replaceResults = bool(self.ui.replaceResultsCheckBox.checked)
         params.epochs = int(self.ui.epochsSpinBox.value)
         self.updateButtons()
 
@@ -148,11 +154,13 @@ class AFLocWidgetController:
         try:
             self.ui.inputSelector.setCurrentNode(params.inputVolume)
             self.ui.promptsTextEdit.setPlainText("\n".join(params.prompts))
-            self.ui.thresholdSliderWidget.value = params.threshold
+            if params.threshold is not None:  # else: the model's default, shown once results are in
+                self.ui.thresholdSliderWidget.value = params.threshold
             index = self.ui.deviceComboBox.findData(params.device)
             self.ui.deviceComboBox.setCurrentIndex(max(index, 0))
             self.ui.opacitySliderWidget.value = params.opacity
             self.ui.createLabelmapCheckBox.checked = params.createLabelmap
+            self.ui.replaceResultsCheckBox.checked = params.replaceResults
             self.ui.epochsSpinBox.value = params.epochs
         finally:
             self._updating = False
@@ -217,7 +225,10 @@ class AFLocWidgetController:
 
     # --- localisation ---------------------------------------------------------------------------------
     def onInputChanged(self, node: Any) -> None:
+        """Showing an input shows its results (and hides other inputs' AFLoc overlays)."""
         self.updateParametersFromGUI()
+        if node is not None:
+            self.logic.showInput(node, float(self.ui.opacitySliderWidget.value))
         self.refreshResults()
 
     def onApply(self) -> None:
@@ -235,6 +246,8 @@ class AFLocWidgetController:
                 model=params.model,
                 adapter=params.adapter,
                 device=params.device,
+                replace=params.replaceResults,
+                opacity=params.opacity,
                 onProgress=self.onProgress,
                 onLog=self.appendLog,
             )
@@ -274,7 +287,7 @@ class AFLocWidgetController:
             slicer.util.errorDisplay(f"AFLoc: {err}")
             return
         if isinstance(task, LocalizationTask):
-            self.onLocalizationDone(result)
+            self.onLocalizationDone(result, task.replaced)
         elif isinstance(task, FinetuneTask):
             self.onFinetuneDone(result, task.warnings)
         elif isinstance(task, SuggestionTask):
@@ -288,9 +301,11 @@ class AFLocWidgetController:
             self.setStatus("Cancelling...")
             self.task.cancel()
 
-    def onProgress(self, progress: Progress) -> None:
+    def onProgress(self, progress: JobProgress) -> None:
         self.ui.progressBar.setValue(int(round(100 * progress.fraction)))
-        text = f"{progress.message or 'working'}: step {progress.step} of {progress.total}"
+        text = progress.message or "working"
+        if progress.total > 0:
+            text += f": step {progress.step} of {progress.total}"
         if progress.eta_s is not None:
             text += f", about {progress.eta_s:.0f} s left"
         loss = progress.fields.get("loss")
@@ -298,50 +313,85 @@ class AFLocWidgetController:
             text += f", loss {float(loss):.4f}"
         self.setStatus(text)
 
-    def onLocalizationDone(self, results: Results.AFLocResults) -> None:
+    def onLocalizationDone(self, results: AFLocResults, replaced: list[str] | None = None) -> None:
         params = self.logic.parameters
         if params.createLabelmap:
             self.logic.exportLabelmap(results)
         warning = "" if results.trained else " (untrained model: the outputs mean nothing)"
-        self.setStatus(f"Done: {len(results.heatmaps)} heatmap(s) in {results.modelId}{warning}.")
-        self.refreshResults()
+        note = f"; replaced {', '.join(replaced)}" if replaced else ""
+        self.setStatus(f"Done: {len(results.heatmaps)} heatmap(s), run [{results.label}]{note}{warning}.")
+        self.refreshResults(select=results)
 
     # --- results --------------------------------------------------------------------------------------
-    def currentResults(self) -> Results.AFLocResults | None:
+    def currentResults(self) -> AFLocResults | None:
+        """The run shown in the result combo box (the input's newest when none is chosen)."""
+        index = self.ui.resultComboBox.currentIndex
+        if 0 <= index < len(self._shown):
+            run, _ = self._shown[index]
+            if run.segmentation is not None and run.segmentation.GetScene() is not None:
+                return run
         return self.logic.resultsFor(self.ui.inputSelector.currentNode())
 
-    def refreshResults(self) -> None:
-        """Show the results of the selected input (prompt list, table), if it has any."""
-        results = self.currentResults()
+    @staticmethod
+    def resultText(run: AFLocResults, index: int, share: float) -> str:
+        """'pneumothorax: p 0.81, mask 10.7 % of the image [default #1]' (one result combo box item)."""
+        shareText = "" if share != share else f", mask {100 * share:.1f} % of the image"  # NaN: unknown
+        return f"{run.findings[index]}: p {run.probabilities[index]:.2f}{shareText} [{run.label}]"
+
+    def refreshResults(self, select: AFLocResults | None = None) -> None:
+        """List the selected input's runs and prompts; show the chosen one (newest run by default)."""
+        runs = self.logic.runsFor(self.ui.inputSelector.currentNode())
         combo = self.ui.resultComboBox
         self._updating = True
         try:
             combo.clear()
-            if results is not None:
-                for finding, p in zip(results.findings, results.probabilities):
-                    combo.addItem(f"{finding} (p = {p:.2f})")
-                combo.setCurrentIndex(0)
+            self._shown = []
+            chosen = 0
+            for run in runs:
+                if select is not None and run.runId == select.runId:
+                    chosen = len(self._shown)
+                for index, share in enumerate(run.maskShares()):
+                    combo.addItem(self.resultText(run, index, share))
+                    self._shown.append((run, index))
+            if self._shown:
+                if select is None:  # the newest run's first prompt
+                    chosen = len(self._shown) - len(runs[-1].heatmaps)
+                combo.setCurrentIndex(chosen)
         finally:
             self._updating = False
-        self.ui.probabilityTableView.setMRMLTableNode(results.table if results is not None else None)
-        if results is not None:
-            self.logic.showResults(results, 0, float(self.ui.opacitySliderWidget.value))
+        self.showChosen()
+
+    def showChosen(self) -> None:
+        """Show the run and prompt chosen in the combo box (table, slider, views)."""
+        index = self.ui.resultComboBox.currentIndex
+        if not 0 <= index < len(self._shown):
+            self.ui.probabilityTableView.setMRMLTableNode(None)
+            self.updateButtons()
+            return
+        run, prompt = self._shown[index]
+        self.ui.probabilityTableView.setMRMLTableNode(run.table)
+        self._updating = True
+        try:
+            self.ui.thresholdSliderWidget.value = run.threshold
+        finally:
+            self._updating = False
+        self.logic.showResults(run, prompt, float(self.ui.opacitySliderWidget.value))
         self.updateButtons()
 
     def onResultChosen(self, index: int) -> None:
-        results = self.currentResults()
-        if self._updating or results is None or index < 0:
+        if self._updating or index < 0:
             return
-        self.logic.showResults(results, index, float(self.ui.opacitySliderWidget.value))
+        self.showChosen()
 
     def onOpacityChanged(self, value: float) -> None:
         self.updateParametersFromGUI()
-        Results.setOpacity(self.logic.scene, float(value))
+        Display.setOpacity(self.logic.scene, float(value))
 
     def onThresholdChanged(self, value: float) -> None:
         if self._updating:
             return
         self.updateParametersFromGUI()
+        self.logic.parameters.threshold = float(value)  # the user's choice from now on
         if self.currentResults() is not None:
             self.thresholdTimer.start()  # debounce: re-threshold once the slider rests
 
@@ -364,9 +414,12 @@ class AFLocWidgetController:
     def onRemoveResults(self) -> None:
         results = self.currentResults()
         if results is not None:
+            label = results.label
             self.logic.removeResults(results)
-            self.setStatus("Results removed.")
+            self.setStatus(f"Run [{label}] removed.")
         self.refreshResults()
+        if not self._shown:
+            self.logic.showInput(self.ui.inputSelector.currentNode(), float(self.ui.opacitySliderWidget.value))
 
     # --- few-shot ------------------------------------------------------------------------------------
     def refreshExamples(self) -> None:
@@ -482,6 +535,7 @@ class AFLocWidgetController:
         self.pollTimer.stop()
 
     def cleanup(self) -> None:
-        """The module is unloaded: stop timers and jobs."""
+        """The module is unloaded (or Slicer exits): stop timers, jobs and the warm engine."""
         self.onSceneStartClose()
         self.thresholdTimer.stop()
+        self.logic.shutdown()
