@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from afloc_engine.errors import AFLocError, ImageReadError
+from afloc_engine.io import quiet_libraries
 
 MANUFACTURER = "AFLocSlicer"
 MODEL_NAME = "afloc_engine"
@@ -33,11 +34,13 @@ def _read_sources(source: Path) -> list[Any]:
     if source.is_dir():
         import SimpleITK as sitk
 
-        reader = sitk.ImageSeriesReader()
-        series = reader.GetGDCMSeriesIDs(str(source))
+        with quiet_libraries():  # GDCM's and pydicom's messages stay off the terminal
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(source))
+            files = list(reader.GetGDCMSeriesFileNames(str(source), series[0])) if series else []
         if not series:
             raise ImageReadError("folder holds no DICOM series", source)
-        files = list(reader.GetGDCMSeriesFileNames(str(source), series[0]))  # same order as io.read_image
+        # files: the same order as io.read_image
     elif source.is_file():
         files = [str(source)]
     else:
@@ -45,7 +48,8 @@ def _read_sources(source: Path) -> list[Any]:
     datasets = []
     for f in files:
         try:
-            datasets.append(pydicom.dcmread(f, stop_before_pixels=True))
+            with quiet_libraries():
+                datasets.append(pydicom.dcmread(f, stop_before_pixels=True))
         except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as err:
             raise ImageReadError(f"cannot read the DICOM header: {err}", f) from None
     for ds, f in zip(datasets, files):
@@ -140,23 +144,25 @@ def write_dicom_seg(
     pixel_array = np.ascontiguousarray(np.moveaxis(masks, 0, -1)).astype(np.uint8)
     sources = [_without_bare_pixel_spacing(ds) for ds in datasets]
     try:
-        seg = hd.seg.Segmentation(
-            source_images=sources,
-            pixel_array=pixel_array,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(),
-            series_number=SERIES_NUMBER,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=MODEL_NAME,
-            software_versions=f"afloc_engine {afloc_engine.__version__}",
-            device_serial_number="none",
-            content_label="AFLOC",
-            content_description=("" if trained else "UNTRAINED MODEL - ") + "AFLoc prompt masks; not for clinical use",
-            omit_empty_frames=bool(masks.any()),
-        )
+        with quiet_libraries():
+            seg = hd.seg.Segmentation(
+                source_images=sources,
+                pixel_array=pixel_array,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions,
+                series_instance_uid=hd.UID(),
+                series_number=SERIES_NUMBER,
+                sop_instance_uid=hd.UID(),
+                instance_number=1,
+                manufacturer=MANUFACTURER,
+                manufacturer_model_name=MODEL_NAME,
+                software_versions=f"afloc_engine {afloc_engine.__version__}",
+                device_serial_number="none",
+                content_label="AFLOC",
+                content_description=("" if trained else "UNTRAINED MODEL - ")
+                + "AFLoc prompt masks; not for clinical use",
+                omit_empty_frames=bool(masks.any()),
+            )
     except (ValueError, TypeError, AttributeError, KeyError) as err:
         raise AFLocError(f"cannot build a DICOM SEG for this source: {err}", source) from None
     seg.SeriesDescription = SERIES_DESCRIPTION if trained else UNTRAINED_SERIES_DESCRIPTION

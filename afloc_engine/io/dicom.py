@@ -52,6 +52,7 @@ def read_dicom_file(path: Path) -> ImageData:
     from pydicom.errors import InvalidDicomError
 
     errors = (InvalidDicomError, AttributeError, KeyError, ValueError, TypeError, OSError, EOFError)
+    forced = False
     try:
         with quiet_libraries():
             ds = pydicom.dcmread(str(path))
@@ -60,6 +61,7 @@ def read_dicom_file(path: Path) -> ImageData:
         try:
             with quiet_libraries():
                 ds = pydicom.dcmread(str(path), force=True)
+            forced = True
         except errors:
             raise ImageReadError(f"cannot read DICOM (truncated or not DICOM?): {first_line(err)}", path) from None
         if "PixelData" not in ds:
@@ -85,7 +87,8 @@ def read_dicom_file(path: Path) -> ImageData:
         "decoder": decoder,
     }
     if frames == 1:
-        meta["sop_instance_uid"] = str(getattr(ds, "SOPInstanceUID", "") or "")
+        # a DICOM SEG can reference only a proper DICOM file (one with a meta header)
+        meta["sop_instance_uid"] = "" if forced else str(getattr(ds, "SOPInstanceUID", "") or "")
         origin, spacing, d3 = geometry
         return ImageData(
             pixels,
