@@ -405,7 +405,8 @@ def test_text_model_mismatch_names_key_and_hint(reference, tmp_path):
 # (norm_heatmap) and classification/model_afloc.py (ZeroShotClassificationHead). Independent of the engine.
 COVID_IMAGES = ("0058792c7c0f", "04b8da435f57", "009a17d546e1")  # square, wider than tall, taller than wide
 PROMPTS = ["Findings suggesting pneumonia", "Large right pleural effusion. Bilateral patchy opacities"]
-NEGATIVES = ["No pneumonia", "No pleural effusion"]
+PROMPTS += ["Opacité basale droite"]  # the reference drops non-ASCII characters: "opacit"
+NEGATIVES = ["No pneumonia", "No pleural effusion", "No basal opacity"]
 WORD_NUM = 80  # not the fallback 97: the converter must read the checkpoint's hyper_parameters
 
 

@@ -16,7 +16,9 @@ def test_split_sentences_keeps_one_word_prompts_and_splits_numbered_items():
         ["small", "left", "effusion"],
         ["heart", "normal"],
     ]
-    assert split_sentences("Opacité basale droite") == [["opacit", "basale", "droite"]]  # non-ASCII dropped
+    assert split_sentences("Opacité basale droite") == [["opacite", "basale", "droite"]]  # accents folded (88f24fb)
+    # converted reference models: non-ASCII characters dropped, as the reference's process_text does
+    assert split_sentences("Opacité basale ∞ droite", fold_accents=False) == [["opacit", "basale", "droite"]]
     assert split_sentences("  ... ") == []
 
 

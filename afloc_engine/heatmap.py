@@ -26,29 +26,27 @@ def similarity_maps(deep: torch.Tensor, prompts: torch.Tensor, similarity: str =
 
 
 def gaussian_kernel1d(sigma: float, device: torch.device | None = None) -> torch.Tensor:
-    """Normalised 1D Gaussian, radius ceil(3 sigma)."""
+    """Normalised sampled 1D Gaussian of radius ceil(3 sigma) (MONAI's ``gaussian_1d``), float32."""
+    from monai.networks.layers.convutils import gaussian_1d
+
     radius = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
+    kernel = gaussian_1d(torch.tensor(float(sigma)), truncated=radius / sigma, approx="sampled", normalize=True)
+    if kernel.numel() != 2 * radius + 1:  # pragma: no cover (MONAI's rounding of the radius)
+        raise AssertionError(f"Gaussian kernel of {kernel.numel()} taps, expected {2 * radius + 1}")
+    return kernel.to(device=device, dtype=torch.float32)
 
 
 def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, *grid) maps (2D or 3D grid), sigma in grid cells; edges replicated."""
+    """Separable Gaussian blur of (N, *grid) maps (2D or 3D grid), sigma in grid cells; edges replicated.
+
+    MONAI's ``separable_filtering`` with the kernel of :func:`gaussian_kernel1d`.
+    """
     if sigma <= 0:
         return maps
+    from monai.networks.layers import separable_filtering
+
     k = gaussian_kernel1d(sigma, maps.device).to(maps.dtype)
-    r = (k.numel() - 1) // 2
-    dims = maps.dim() - 1
-    x = maps.unsqueeze(1)
-    conv = F.conv2d if dims == 2 else F.conv3d
-    for axis in range(dims):
-        shape = [1, 1] + [1] * dims
-        shape[2 + axis] = k.numel()
-        pad = [0, 0] * dims
-        pad[2 * (dims - 1 - axis)] = pad[2 * (dims - 1 - axis) + 1] = r
-        x = conv(F.pad(x, pad, mode="replicate"), k.reshape(shape))
-    return x.squeeze(1)
+    return separable_filtering(maps.unsqueeze(1), [k] * (maps.dim() - 1), mode="replicate").squeeze(1)
 
 
 def gaussian_smooth_scipy(maps: torch.Tensor, sigma: float) -> torch.Tensor:

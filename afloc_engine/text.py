@@ -16,18 +16,25 @@ _SENTENCE_END = re.compile(r"[.?!;]+(?=\s|$)")
 _WORD = re.compile(r"\w+")
 
 
-def split_sentences(report: str) -> list[list[str]]:
+def split_sentences(report: str, fold_accents: bool = True) -> list[list[str]]:
     """Split a report into sentences of words.
+
+    ``fold_accents``: True (engine) turns accented letters into their ASCII letter (é -> e);
+    False drops every non-ASCII character from the words, as the reference does (é -> nothing:
+    "opacité" -> "opacit"), which converted reference models use.
 
     >>> split_sentences("1. No pneumothorax. Small left effusion.")
     [['no', 'pneumothorax'], ['small', 'left', 'effusion']]
     """
     text = report.replace("\r", " ").replace("\n", " ")
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()  # é -> e
+    if fold_accents:
+        text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()  # é -> e
     sentences: list[list[str]] = []
     for item in _NUMBERED_ITEM.split(text):
         for sentence in _SENTENCE_END.split(item):
             words = _WORD.findall(sentence.lower())
+            if not fold_accents:
+                words = [w for w in (w.encode("ascii", "ignore").decode() for w in words) if w]
             if words:
                 sentences.append(words)
     return sentences

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,21 +19,29 @@ import torch.nn.functional as F
 def normalize_intensity(
     array: np.ndarray, window: tuple[float, float] | None = None, percentiles: tuple[float, float] = (0.5, 99.5)
 ) -> np.ndarray:
-    """Map pixel values to [0, 1] float32.
+    """Map pixel values to [0, 1] float32 (same shape), with MONAI's intensity transforms.
 
-    With a display ``window`` (low, high), values are clipped to it; otherwise to the given
-    percentiles of the image, which ignores burned-in text and saturated borders.
+    With a display ``window`` (low, high), values are clipped to it (``ScaleIntensityRange``);
+    otherwise to the given percentiles of the image (``ScaleIntensityRangePercentiles``), which
+    ignores burned-in text and saturated borders. An empty range falls back to the image's
+    min-max; a constant image gives zeros.
     """
+    from monai.transforms import ScaleIntensityRange, ScaleIntensityRangePercentiles
+
     array = np.asarray(array, dtype=np.float32)
     if window is not None:
-        low, high = window
+        low, high = float(window[0]), float(window[1])
+        scale: Any = ScaleIntensityRange(low, high, 0.0, 1.0, clip=True, dtype=np.float32)
     else:
-        low, high = np.percentile(array, percentiles)
+        low, high = (float(v) for v in np.percentile(array, percentiles))
+        scale = ScaleIntensityRangePercentiles(percentiles[0], percentiles[1], 0.0, 1.0, clip=True, dtype=np.float32)
     if not high > low:
         low, high = float(array.min()), float(array.max())
-    if not high > low:
-        return np.zeros_like(array, dtype=np.float32)
-    return np.clip((array - low) / (high - low), 0.0, 1.0).astype(np.float32)
+        if not high > low:
+            return np.zeros_like(array, dtype=np.float32)
+        scale = ScaleIntensityRange(low, high, 0.0, 1.0, clip=True, dtype=np.float32)
+    out = scale(array)
+    return np.asarray(out.numpy() if isinstance(out, torch.Tensor) else out, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -65,12 +74,21 @@ class Letterbox:
         return cls(height, width, size, h, w, (size - h) // 2, (size - w) // 2)
 
     def apply(self, image: torch.Tensor) -> torch.Tensor:
-        """(..., C, H, W) -> (..., C, S, S): area-preserving resize, zero padding."""
+        """(..., C, H, W) -> (..., C, S, S): antialiased bilinear resize, centred zero padding.
+
+        The padding is MONAI's ``SpatialPad`` (symmetric: the extra pixel at the bottom/right, as
+        :meth:`fit` places it); the resize stays torch's antialiased bilinear (MONAI's ``Resize``
+        antialiases with a Gaussian pre-blur, which would change the network input).
+        """
+        from monai.transforms import SpatialPad
+
         lead = image.shape[:-2]
-        x = image.reshape(-1, 1, self.height, self.width).float()
-        x = F.interpolate(x, size=(self.resized_height, self.resized_width), mode="bilinear", antialias=True)
-        canvas = x.new_zeros(x.shape[0], 1, self.size, self.size)
-        canvas[..., self.top : self.top + self.resized_height, self.left : self.left + self.resized_width] = x
+        x = image.reshape(-1, self.height, self.width).float()
+        x = F.interpolate(x[:, None], size=(self.resized_height, self.resized_width), mode="bilinear", antialias=True)
+        pad = SpatialPad((self.size, self.size), method="symmetric", mode="constant", value=0.0)
+        canvas = torch.as_tensor(pad(x[:, 0])).as_subclass(torch.Tensor)  # channel-first (N, h, w) -> (N, S, S)
+        if (canvas.shape[-2] - self.resized_height) // 2 != self.top:  # pragma: no cover (MONAI's convention)
+            raise AssertionError("SpatialPad placed the image off the letterbox")
         return canvas.reshape(*lead, self.size, self.size)
 
     def valid_region(self, maps: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,8 @@ class TextEncoder(nn.Module):
     # --- tokenisation ----------------------------------------------------------------------
     def tokenize(self, reports: list[str] | list[list[list[str]]]) -> TokenizedReports:
         """Tokenise reports (raw strings, or already split into sentences of words)."""
-        split = [split_sentences(r) if isinstance(r, str) else r for r in reports]
+        fold = getattr(self.config, "text_pooling", "engine") != "reference"  # the reference drops non-ASCII
+        split = [split_sentences(r, fold_accents=fold) if isinstance(r, str) else r for r in reports]
         words = [[w for sentence in sents for w in sentence] for sents in split]
         sentence_of_word = [[i for i, sentence in enumerate(sents) for _ in sentence] for sents in split]
         enc = self.tokenizer(
