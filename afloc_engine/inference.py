@@ -111,11 +111,15 @@ class AFLoc:
 
     @torch.inference_mode()
     def encode_images(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, S, S) prepared images -> deep local (B, D, g, g) and global (B, D) features."""
+        """(B, C, S, S) prepared images -> deep local (B, D, g, g) and global (B, D) features.
+
+        On a GPU engine models run in bf16 autocast; converted reference models in float32, as the reference.
+        """
         batch = batch.to(self.device)
         if self._channels_last and batch.dim() == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        bf16 = self.device.type == "cuda" and self.config.inference_mode == "engine"
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=bf16):
             feats = self.model.encode_images(batch)
         return feats.deep.float(), feats.global_.float()
 
