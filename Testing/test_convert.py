@@ -649,3 +649,15 @@ def test_use_ce_loss_projection_is_dropped_and_a_missing_shallow_projection_name
     no_word_loss = {k: v for k, v in reference.items() if k != "img_encoder.local2_embedder.weight"}
     with pytest.raises(CheckpointError, match=r"local2_embedder.*use_local_word_loss off"):
         infer_reference_config(no_word_loss, bert_dir, 1, src)
+
+
+def test_help_says_what_the_text_model_folder_needs(capsys):
+    from afloc_engine.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["convert-reference", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for needed in ("tokenizer.json", "vocab.txt", "config.json", "model.safetensors", "pytorch_model.bin"):
+        assert needed in text, needed
+    assert "tokenizer + config" not in text and "OUT/text_model" in text
