@@ -128,3 +128,37 @@ def test_flipped_rows_give_the_same_heatmap_pixels_at_the_flipped_place(model_di
     q0 = heat["plain"].TransformIndexToPhysicalPoint((10, 0, 0))
     origin = heat["plain"].GetOrigin()
     assert p0[0] - origin[0] == pytest.approx(-(q0[0] - origin[0]))
+
+
+def test_cli_mixed_size_series_is_one_line_exit_2(model_dir, tmp_path, capfd):
+    template = pydicom.dcmread(_testdata("MR_small.dcm"))
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for n, rows in ((1, None), (2, None), (3, 32)):
+        ds = template.copy()
+        ds.InstanceNumber, ds.ImagePositionPatient = n, [0.0, 0.0, float(n)]
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        if rows:
+            ds.Rows = ds.Columns = rows
+            ds.PixelData = np.zeros((rows, rows), np.int16).tobytes()
+        ds.save_as(folder / f"{n}.dcm")
+    out = tmp_path / "out"
+    args = ["localize", str(folder), "--prompt", "nodule", "--out", str(out), "--model", str(model_dir)]
+    capfd.readouterr()
+    assert main(args + ["--progress", "none"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differ in size" in err[0] and str(folder) in err[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_12_bit_jpeg_decodes_without_library_noise(model_dir, tmp_path, capfd):
+    source = _testdata("JPEG-lossy.dcm")
+    out = tmp_path / "out"
+    args = ["localize", str(source), "--prompt", "nodule", "--out", str(out), "--model", str(model_dir)]
+    capfd.readouterr()
+    assert main(args + ["--progress", "none", "--no-overlay"]) == 0
+    err = capfd.readouterr().err
+    for noise in ("Traceback", "pylibjpeg", "Unsupported JPEG", "GDCMImageIO", "UserWarning", "Invalid SOS"):
+        assert noise not in err, err
+    heat = sitk.ReadImage(str(next(out.glob("*/heatmap_*.nrrd"))))
+    assert heat.GetSize() == sitk.ReadImage(str(source)).GetSize()
