@@ -196,8 +196,9 @@ _quiet_depth = 0
 def quiet_libraries() -> Iterator[list[str]]:
     """Keep pydicom/pylibjpeg/ITK/GDCM warnings, log records and C-level stderr prints off the terminal.
 
-    Yields a list that receives what the libraries printed (for a debug log or an error message).
-    Our own ``afloc_engine`` log records still go through. Nested uses only redirect once.
+    Yields a list that receives what was printed on stderr inside the block (for a debug log or an
+    error message): everything printed there is held back, so log our own warnings outside it.
+    Nested uses only redirect once.
     """
     global _quiet_depth
     captured: list[str] = []

@@ -28,8 +28,7 @@ def read_raster(path: Path) -> ImageData:
     try:
         with quiet_libraries(), Image.open(path) as img:
             check_pixel_limit(img.size[0], img.size[1], path)
-            if getattr(img, "n_frames", 1) > 1:
-                log.warning("%s: %d pages; reading the first", path, img.n_frames)
+            pages = int(getattr(img, "n_frames", 1) or 1)
             mode = img.mode
             if mode in ("RGB", "RGBA") and _sixteen_bit_tiles(img):
                 # Pillow reduces 16-bit colour to 8 bits; ITK keeps them
@@ -46,6 +45,8 @@ def read_raster(path: Path) -> ImageData:
         raise ImageReadError(f"image is too large: {err}", path) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"cannot read image (truncated or not an image?): {err}", path) from None
+    if pages > 1:  # said outside quiet_libraries, which holds back what is printed on stderr
+        log.warning("%s: %d pages; reading the first", path, pages)
     if array is None:
         array = rgb_to_grey(rgb)
     if array.ndim != 2:
