@@ -76,3 +76,13 @@ def test_segment_name_of_another_script_is_readable_ascii():
     name = segment_name("胸腔积液")
     assert name and name.isascii() and name.isprintable()
     assert name != segment_name("气胸")  # different findings keep different names
+
+
+def test_adapter_of_a_finding_accepts_its_prompt_in_any_spelling(tiny_afloc):
+    """An adapter fine-tuned with ``--finding ground_glass_opacity`` applies to 'ground glass opacity'."""
+    from afloc_engine.finetune import adapter as adapters
+
+    adapter = adapters.create_adapter(tiny_afloc, "ground_glass_opacity")
+    prompts = ["ground glass opacity", "Findings suggesting Ground  Glass_Opacity", "edema"]
+    assert adapter.match(prompts) == [0, 0, None]
+    assert adapters._meta_matches({"findings": ["ground_glass_opacity"], "prompts": []}, ["Ground glass opacity"])
