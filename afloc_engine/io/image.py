@@ -225,8 +225,10 @@ def quiet_libraries() -> Iterator[list[str]]:
                 tmp = tempfile.TemporaryFile(mode="w+b")
                 saved_fd = os.dup(2)
                 os.dup2(tmp.fileno(), 2)
-            except (OSError, ValueError):  # no fd 2 (embedded interpreter): warnings/logs are still quiet
-                saved_fd = None
+            except (OSError, ValueError):  # no fd 2 (a GUI process): warnings and logs are still quiet
+                if saved_fd is not None:
+                    os.close(saved_fd)
+                    saved_fd = None
         _quiet_depth += 1
         try:
             yield captured
