@@ -141,7 +141,11 @@ def load_raster_volume(
     with Image.open(path) as img:
         grey = np.asarray(img.convert("L"), dtype=np.uint8)
     # ITK puts image row 0 at the lowest y; Slicer shows it at the top of an axial view
-    return add_volume(scene, grey[None], ijk_to_ras, Path(path).stem, parent_item=parent_item)
+    node = add_volume(scene, grey[None], ijk_to_ras, Path(path).stem, parent_item=parent_item)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")  # as Slicer's reader leaves it
+    storage.SetFileName(str(path))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    return node
 
 
 def load_dicom_volume(scene: Any, path: Path, parent_item: int | None = None) -> Any:
@@ -185,13 +189,21 @@ def composite_png(
 ) -> np.ndarray:
     """What a slice view shows: ``background`` + ``foreground`` (at ``opacity``) + ``label`` outlines,
     blended by the real ``vtkMRMLSliceLogic`` in the plane of the volume. Returns (H, W, 3) uint8, top row first."""
-    logic = slice_logic_of(scene)
-    slice_node = logic.GetSliceNode()
-    composite = logic.GetSliceCompositeNode()
+    composite = slice_logic_of(scene).GetSliceCompositeNode()
     composite.SetBackgroundVolumeID(background.GetID())
     composite.SetForegroundVolumeID(foreground.GetID() if foreground is not None else None)
     composite.SetForegroundOpacity(opacity)
     composite.SetLabelVolumeID(label.GetID() if label is not None else None)
+    return view_png(scene, size)
+
+
+def view_png(scene: Any, size: int = 512) -> np.ndarray:
+    """What the slice view shows now, with the layers its composite node holds (as the module set them),
+    blended by the real ``vtkMRMLSliceLogic`` in the plane of the background volume. (H, W, 3) uint8."""
+    logic = slice_logic_of(scene)
+    slice_node = logic.GetSliceNode()
+    composite = logic.GetSliceCompositeNode()
+    background = scene.GetNodeByID(composite.GetBackgroundVolumeID())
     composite.SetLabelOpacity(1.0)
     slice_node.SetUseLabelOutline(True)
     # the slice plane = the image plane (a radiograph is one slice), through its centre
@@ -215,6 +227,45 @@ def composite_png(
     w, h, _ = out.GetDimensions()
     rgba = numpy_support.vtk_to_numpy(out.GetPointData().GetScalars()).reshape(h, w, -1)
     return np.ascontiguousarray(rgba[::-1, :, :3])
+
+
+def visible_legends(scene: Any) -> list[Any]:
+    """Colour legend display nodes that are visible (what Slicer's colour legend displayable manager draws)."""
+    nodes = [
+        scene.GetNthNodeByClass(i, "vtkMRMLColorLegendDisplayNode")
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorLegendDisplayNode"))
+    ]
+    return [n for n in nodes if n.GetVisibility()]
+
+
+def draw_legend(view: np.ndarray, legend: Any, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """``view`` with ``legend`` drawn as Slicer's colour legend shows it in a slice view: a vertical bar of
+    its colour table (opaque colours), its title above, ``GetNumberOfLabels()`` labels in its label format,
+    at the right edge, ``GetSize()`` of the view. The slice logic composites layers only (Slicer draws the
+    legend with a displayable manager), so figures of a view add it here, from the node's own properties."""
+    from PIL import Image, ImageDraw
+
+    h, w = view.shape[:2]
+    image = Image.fromarray(view)
+    draw = ImageDraw.Draw(image)
+    size = legend.GetSize()
+    bar_w, bar_h = max(8, int(0.25 * size[0] * w)), int(size[1] * h)
+    x0, y0 = w - bar_w - 48, (h - bar_h) // 2
+    color = legend.GetColorNode() or legend.GetPrimaryDisplayNode().GetColorNode()  # a volume's legend: its own
+    lut = color.GetLookupTable()
+    count = lut.GetNumberOfTableValues()
+    for row in range(bar_h):
+        r, g, b, _ = lut.GetTableValue(int(round((1 - row / max(bar_h - 1, 1)) * (count - 1))))
+        draw.line([(x0, y0 + row), (x0 + bar_w, y0 + row)], fill=(int(r * 255), int(g * 255), int(b * 255)))
+    draw.rectangle([x0, y0, x0 + bar_w, y0 + bar_h], outline=(230, 230, 230))
+    labels = max(2, legend.GetNumberOfLabels())
+    for k in range(labels):
+        value = value_range[0] + (value_range[1] - value_range[0]) * k / (labels - 1)
+        y = y0 + bar_h - int(round(k / (labels - 1) * bar_h))
+        draw.text((x0 + bar_w + 4, y - 6), legend.GetLabelFormat() % value, fill=(240, 240, 240))
+    title = legend.GetTitleText()
+    draw.text((max(0, x0 + bar_w - 7 * len(title)), y0 - 16), title, fill=(240, 240, 240))
+    return np.asarray(image)
 
 
 def view_to_ijk(scene: Any, volume: Any, size: int = 512) -> np.ndarray:

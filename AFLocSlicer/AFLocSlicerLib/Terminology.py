@@ -32,9 +32,9 @@ INFERNO_STOPS = np.array(
 )
 """Columns: value, R, G, B. A perceptually ordered map (dark purple -> red -> orange -> pale yellow), like inferno."""
 
-OPACITY_START = 0.1
+OPACITY_START = 0.25
 """Heat below this (of the [0, 1] displayed range) is fully transparent: the image shows as it is."""
-OPACITY_FULL = 0.7
+OPACITY_FULL = 0.85
 """Heat at and above this is drawn at :data:`OPACITY_MAX` (times the view's foreground opacity)."""
 OPACITY_MAX = 0.95
 
