@@ -166,6 +166,7 @@ def write_dicom_seg(
     except (ValueError, TypeError, AttributeError, KeyError) as err:
         raise AFLocError(f"cannot build a DICOM SEG for this source: {err}", source) from None
     seg.SeriesDescription = SERIES_DESCRIPTION if trained else UNTRAINED_SERIES_DESCRIPTION
+    seg.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: segment labels of prompts in any script ('胸腔积液', '≥')
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     os.close(fd)
