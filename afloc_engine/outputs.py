@@ -1,7 +1,10 @@
-"""Writing results: heatmap volumes (.nrrd), a Slicer segmentation (.seg.nrrd), results.json, overlay PNG.
+"""Writing results: heatmap volumes (.nrrd), a Slicer segmentation (.seg.nrrd), results.json, overlay PNG
+and, for DICOM inputs on request, a DICOM SEG (masks.dcm); ``results.json`` lists every file once.
 
 All files of one input are written into a temporary folder that is renamed into place at the
-end, so an error or a kill never leaves a half-written result folder.
+end, so an error or a kill never leaves a half-written result folder. Heatmaps are stored as
+float32 rounded to steps of 1/127 (:data:`HEATMAP_STEP`; within 0.004 of the computed values), which
+gzip shrinks about 30-fold: 14 prompts on a 1841 x 1955 radiograph write about 8 MB instead of 162 MB.
 """
 
 from __future__ import annotations

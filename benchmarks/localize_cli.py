@@ -50,8 +50,9 @@ def run_once(tree: Path, image: Path, extra: list[str]) -> dict[str, Any]:
     """One cold ``afloc localize`` with the engine of ``tree``: wall seconds, bytes written, peak MiB."""
     out = Path(tempfile.mkdtemp(prefix="afloc-bench-"))
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONWARNINGS": "ignore"}
-    # /usr/bin/time -f %M gives the child's own peak RSS (KiB)
-    timer = ["/usr/bin/time", "-f", "PEAK_KB=%M"] if Path("/usr/bin/time").exists() else []
+    # /usr/bin/time: the child's own peak RSS (KiB) and CPU seconds (user + system), which other
+    # processes on a shared machine inflate less than the wall time
+    timer = ["/usr/bin/time", "-f", "PEAK_KB=%M CPU_S=%U+%S"] if Path("/usr/bin/time").exists() else []
     command = [*timer, sys.executable, "-m", "afloc_engine", "localize", str(image), "--preset", "cxr"]
     command += ["--out", str(out / "o"), "--progress", "none", *extra]
     start = time.perf_counter()
@@ -61,9 +62,12 @@ def run_once(tree: Path, image: Path, extra: list[str]) -> dict[str, Any]:
         shutil.rmtree(out, ignore_errors=True)
         raise SystemExit(f"afloc localize failed in {tree} (exit {done.returncode}):\n{done.stderr[-2000:]}")
     files = [p for p in (out / "o").rglob("*") if p.is_file()]
-    peak = [line for line in done.stderr.splitlines() if line.startswith("PEAK_KB=")]
+    timing = [line.split() for line in done.stderr.splitlines() if line.startswith("PEAK_KB=")]
+    peak = [timing[-1][0]] if timing else []
+    cpu = round(sum(float(v) for v in timing[-1][1].split("=")[1].split("+")), 2) if timing else None
     record = {
         "wall_s": round(wall, 3),
+        "cpu_s": cpu,
         "output_bytes": sum(p.stat().st_size for p in files),
         "output_files": len(files),
         "peak_mib": round(int(peak[-1].split("=")[1]) / 1024, 1) if peak else None,
@@ -94,6 +98,7 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "median_wall_s": round(statistics.median(r["wall_s"] for r in runs), 2),
         "min_wall_s": round(min(r["wall_s"] for r in runs), 2),
+        "median_cpu_s": statistics.median(r["cpu_s"] for r in runs) if runs[0]["cpu_s"] is not None else None,
         "output_mb": round(statistics.median(r["output_bytes"] for r in runs) / 1e6, 2),
         "output_files": runs[-1]["output_files"],
         "median_peak_mib": statistics.median(r["peak_mib"] for r in runs) if runs[0]["peak_mib"] else None,
@@ -122,7 +127,10 @@ def main() -> int:
             record = run_once(tree, image, extra)
             record["load_average_before"] = load
             results[name].append(record)
-            print(f"run {i + 1}/{args.runs} {name}: {record['wall_s']:.2f} s, {record['output_bytes'] / 1e6:.1f} MB")
+            print(
+                f"run {i + 1}/{args.runs} {name}: {record['wall_s']:.2f} s wall, {record['cpu_s']} s CPU, "
+                f"{record['output_bytes'] / 1e6:.1f} MB, load {load}"
+            )
     last = Path(results["current"][-1]["folder"]) / "o" / "RG1_UNCR"
     report: dict[str, Any] = {
         "benchmark": "afloc localize RG1_UNCR.dcm --preset cxr (14 prompts), cold process",
@@ -133,6 +141,8 @@ def main() -> int:
     if "old" in results:
         report["old"] = {"commit": _commit(engines["old"][0]), **summary(results["old"])}
         report["speedup_median"] = round(report["old"]["median_wall_s"] / report["current"]["median_wall_s"], 2)
+        if report["old"]["median_cpu_s"] and report["current"]["median_cpu_s"]:
+            report["cpu_ratio_median"] = round(report["old"]["median_cpu_s"] / report["current"]["median_cpu_s"], 2)
         report["size_ratio"] = round(report["old"]["output_mb"] / report["current"]["output_mb"], 1)
     for records in results.values():
         for r in records:
