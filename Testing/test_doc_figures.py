@@ -30,6 +30,8 @@ VOL_DEF = "docs/results/volume_gpu_default.json"
 VOL_RES = "docs/results/volume_gpu_resnet50.json"
 MANIFEST = "afloc_engine/weights/manifest.json"
 R = "README.md"
+RES_MD = "docs/results.md"
+CARD = "afloc_engine/weights/default/MODEL_CARD.md"
 
 # (page, text around the figure, the figure, result file, key path, scale)
 FIGURES: list[tuple[str, str, str, str, str, float]] = [
@@ -53,6 +55,11 @@ FIGURES: list[tuple[str, str, str, str, str, float]] = [
     (R, "| 0.118 [0.094, 0.144] | 0 | 0.12 |", "0.144", EVAL, f"{CONST}/iou/ci/1", 1),
     (R, "| 0.118 [0.094, 0.144] | 0 | 0.12 |", "0", EVAL, f"{CONST}/cnr/mean", 1),
     (R, "| 0.118 [0.094, 0.144] | 0 | 0.12 |", "0.12", EVAL, f"{CONST}/pointing/mean", 1),
+    (RES_MD, "| 0.28 [0.18, 0.39] (2 negatives only", "0.28", EVAL, f"{GGO}/auroc/value", 1),
+    (RES_MD, "| 0.28 [0.18, 0.39] (2 negatives only", "0.18", EVAL, f"{GGO}/auroc/ci/0", 1),
+    (RES_MD, "| 0.28 [0.18, 0.39] (2 negatives only", "0.39", EVAL, f"{GGO}/auroc/ci/1", 1),
+    (RES_MD, "| 0.28 [0.18, 0.39] (2 negatives only", "2", EVAL, f"{GGO}/auroc/n_negative", 1),
+    (CARD, "ground-glass AUROC on dev, 0.28 [0.18, 0.39], rests on 2", "0.28", EVAL, f"{GGO}/auroc/value", 1),
     # ResNet-50 vs EfficientNet-Lite0 (scripts/compare_backbones.sh)
     (R, "same IoU (0.205 vs 0.209)", "0.205", BACKBONES, f"{RES}/iou/mean", 1),
     (R, "same IoU (0.205 vs 0.209)", "0.209", BACKBONES, f"{EFF}/iou/mean", 1),

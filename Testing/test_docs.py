@@ -15,7 +15,8 @@ in ``MARKS``, by its file and a piece of its text)
     ``# docs-test: skip (REASON)``   never run (a synopsis with placeholders, needs 3D Slicer, the full suite)
     ``# docs-test: slow``            run only with ``-m slow`` or ``AFLOC_DOCS_SLOW=1`` (takes minutes)
     ``# docs-test: setup``           the README's set-up, run before every bash block
-A block that names ``../shared/data`` is skipped, with that reason, on a clone without the shared data.
+    ``# docs-test: shared-data``     needs ../shared/data (implied when the block names ``../shared/data``)
+A block that needs the shared data is skipped, with that reason, on a clone without it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ PAGES = [
 ]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[A-Za-z]*)[ \t]*$")
 RUNNABLE = {"bash": "bash", "sh": "bash", "shell": "bash", "python": "python", "py": "python"}
-MARKER = re.compile(r"#\s*docs-test:\s*(?P<kind>skip|slow|setup)\b\s*(?:\((?P<reason>[^)]*)\))?")
+MARKER = re.compile(r"#\s*docs-test:\s*(?P<kind>skip|slow|setup|shared-data)\b\s*(?:\((?P<reason>[^)]*)\))?")
 
 # blocks in pages this file's owner does not write: (page, a piece of the block's text) -> (kind, reason)
 MARKS: dict[tuple[str, str], tuple[str, str]] = {
@@ -178,7 +179,8 @@ def test_documented_block_runs_as_written(block: Block, workspaces, request):
         pytest.skip(f"{block.id}: {reason or 'marked docs-test: skip'}")
     if kind == "setup":
         pytest.skip("the set-up block runs before every other block")
-    if "../shared/data" in block.code and not SHARED_DATA.is_dir():
+    needs_data = "../shared/data" in block.code or "shared-data" in dict(block.marks())
+    if needs_data and not SHARED_DATA.is_dir():
         pytest.skip(f"{block.id} needs ../shared/data ({SHARED_DATA} is absent)")
     if kind == "slow" and not slow_enabled(request.config):
         pytest.skip(f"{block.id} is slow ({reason or 'minutes'}): run with -m slow or AFLOC_DOCS_SLOW=1")
