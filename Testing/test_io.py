@@ -104,7 +104,7 @@ def test_bad_files_raise_one_clear_error_naming_the_file(tmp_path, sample_dicom,
 def _testdata(name: str):
     from pydicom.data import get_testdata_file
 
-    path = get_testdata_file(name)
+    path = get_testdata_file(name, download=False)  # never fetched at test time
     if path is None:
         pytest.skip(f"{name} is not in pydicom-data")
     return path

@@ -28,7 +28,7 @@ def model_dir(tiny_model, tmp_path_factory):
 
 def _testdata(name: str) -> Path:
     data = pytest.importorskip("pydicom.data")
-    path = data.get_testdata_file(name)
+    path = data.get_testdata_file(name, download=False)  # never fetched at test time
     if path is None:
         pytest.skip(f"{name} is not in pydicom-data")
     return Path(path)

@@ -20,14 +20,21 @@ from afloc_engine.errors import ImageReadError
 from afloc_engine.io import read_image
 from afloc_engine.outputs import ijk_to_lps
 
-pydicom_data = pytest.importorskip("pydicom.data")
+pytest.importorskip("pydicom.data")
 
 
 def _pydicom_paths() -> list[Path]:
-    try:
-        return sorted(Path(f) for f in pydicom_data.get_testdata_files())
-    except Exception:  # pydicom-data missing  # noqa: BLE001
-        return []
+    """What ``pydicom.data.get_testdata_files()`` lists, globbed from the package folders (pydicom's
+    test_files and pydicom-data's ``data_store``) so that nothing is ever downloaded."""
+    import importlib.util
+
+    from pydicom.data.data_manager import DATA_ROOT
+
+    folders = [Path(DATA_ROOT) / "test_files"]
+    spec = importlib.util.find_spec("data_store")  # the pydicom-data package
+    if spec is not None and spec.origin:
+        folders.append(Path(spec.origin).parent / "data")
+    return sorted(p for folder in folders if folder.is_dir() for p in folder.rglob("*") if p.suffix != ".py")
 
 
 def _pydicom_files() -> list[Path]:
