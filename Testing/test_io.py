@@ -332,3 +332,13 @@ def test_rgb_nrrd_keeps_its_channels(tmp_path):
     image = read_image(tmp_path / "tile.nrrd")
     np.testing.assert_array_equal(image.rgb, rgb)
     assert image.array.shape == (30, 40)
+
+
+def test_enhanced_multiframe_is_a_volume_with_its_functional_group_rescale():
+    path = _testdata("eCT_Supplemental.dcm")  # enhanced CT: rescale in the functional groups, 2 frames
+    image = read_image(path)
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(path)).astype(np.float32)  # GDCM applies it: HU
+    assert image.is_volume and image.array.shape == reference.shape
+    np.testing.assert_array_equal(image.array, reference)
+    assert min(image.spacing) > 0  # GDCM's -10 mm between frames becomes a flipped direction column

@@ -166,11 +166,14 @@ def _pydicom_pipeline(ds: Any, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray 
         # pydicom converts YBR to RGB while decoding
         return rgb_to_grey(raw), _compact_rgb(raw), None
     with quiet_libraries():
-        values = apply_modality_lut(raw, ds)
+        values = _modality(ds, raw, apply_modality_lut)
         if _voi_lut_only(ds):
             values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
     grey = np.asarray(values, dtype=np.float32)
     window = _voi_lut_range(ds) if _voi_lut_only(ds) else dicom_window(ds)
+    if window is None and "VOILUTSequence" not in ds:
+        frame_voi = _functional_item(ds, "FrameVOILUTSequence", 0)  # enhanced multi-frame
+        window = None if frame_voi is None else dicom_window(frame_voi)
     if photometric == "MONOCHROME1":
         # bright = dense; the window follows so the picture shown is the one the radiologist sees
         total = float(grey.min()) + float(grey.max())
@@ -178,6 +181,34 @@ def _pydicom_pipeline(ds: Any, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray 
         if window is not None:
             window = (total - window[1], total - window[0])
     return grey, None, window
+
+
+def _functional_item(ds: Any, keyword: str, frame: int) -> Any:  # noqa: ANN401
+    """The first item of ``keyword`` in frame ``frame``'s functional groups, else in the shared ones."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    for groups, index in ((per_frame, frame), (shared, 0)):
+        if groups and len(groups) > index:
+            sequence = groups[index].get(keyword)
+            if sequence:
+                return sequence[0]
+    return None
+
+
+def _modality(ds: Any, raw: np.ndarray, apply_modality_lut: Any) -> np.ndarray:  # noqa: ANN401
+    """The Modality LUT: top-level rescale / LUT sequence, or an enhanced file's per-frame rescale."""
+    top_level = any(k in ds for k in ("ModalityLUTSequence", "RescaleSlope", "RescaleIntercept"))
+    if top_level or not any(k in ds for k in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence")):
+        return apply_modality_lut(raw, ds)
+    frames = raw[None] if _frames(ds) == 1 and raw.ndim == 2 else raw
+    out = frames.astype(np.float32)
+    for index in range(out.shape[0]):
+        item = _functional_item(ds, "PixelValueTransformationSequence", index)
+        if item is not None:
+            slope = float(item.get("RescaleSlope", 1.0) or 1.0)
+            intercept = float(item.get("RescaleIntercept", 0.0) or 0.0)
+            out[index] = out[index] * np.float32(slope) + np.float32(intercept)
+    return out[0] if out.shape[0] == 1 and raw.ndim == 2 else out
 
 
 def _compact_rgb(rgb: np.ndarray) -> np.ndarray:
