@@ -16,6 +16,7 @@ import sys
 import venv
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def test_plain_wheel_install_runs_info_and_localize(tmp_path, sample_dicom):
         heat = sitk.ReadImage(str(folder / entry["heatmap"]))
         assert heat.GetSize()[:2] == reference.GetSize()[:2]
         array = sitk.GetArrayFromImage(heat)
-        assert array.min() >= -1.0 and array.max() <= 1.0 and array.std() > 0
+        assert np.isfinite(array).all() and array.std() > 0  # a real map, not a constant
     seg = sitk.ReadImage(str(folder / "masks.seg.nrrd"))
     assert seg.GetSize()[:2] == reference.GetSize()[:2]
     # the installed engine ran, not the repository's sources
