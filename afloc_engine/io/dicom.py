@@ -78,7 +78,7 @@ def read_dicom_file(path: Path) -> ImageData:
     if frames == 1 and pixels.ndim == 3:
         pixels = pixels[0]
         rgb = None if rgb is None else rgb[0]
-    geometry = _geometry(ds, path, frames)
+    geometry = _geometry(ds, path)
     meta = {
         "modality": str(getattr(ds, "Modality", "") or ""),
         "photometric": _photometric(ds),
@@ -286,7 +286,7 @@ def _sitk_pixels(ds: Any, path: Path) -> tuple[np.ndarray, np.ndarray | None, tu
 # ---- geometry -----------------------------------------------------------------------------------------
 
 
-def _geometry(ds: Any, path: Path, frames: int) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:  # noqa: ANN401
+def _geometry(ds: Any, path: Path) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:  # noqa: ANN401
     """(origin (3,), spacing (3,), direction (9,)) in LPS: GDCM's reading, with the header's in-plane spacing."""
     import SimpleITK as sitk
 
