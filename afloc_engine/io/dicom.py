@@ -298,9 +298,9 @@ def _geometry(ds: Any, path: Path) -> tuple[tuple[float, ...], tuple[float, ...]
             reader.ReadImageInformation()
         origin, spacing, direction = reader.GetOrigin(), reader.GetSpacing(), reader.GetDirection()
     except RuntimeError:
-        origin, spacing, direction = _header_geometry(ds, path)
+        origin, spacing, direction = _header_geometry(ds, header_spacing)
     if len(spacing) != 3:  # pragma: no cover - GDCM always gives 3D
-        origin, spacing, direction = _header_geometry(ds, path)
+        origin, spacing, direction = _header_geometry(ds, header_spacing)
     origin, spacing, direction = positive_frame(origin, spacing, direction)
     if header_spacing is not None:
         spacing = (header_spacing[0], header_spacing[1], spacing[2])
@@ -328,7 +328,10 @@ def dicom_spacing(ds: Any, path: Path) -> tuple[float, float] | None:  # noqa: A
     return 1.0, 1.0
 
 
-def _header_geometry(ds: Any, path: Path) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:  # noqa: ANN401
+def _header_geometry(
+    ds: Any,  # noqa: ANN401
+    spacing_xy: tuple[float, float] | None,
+) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
     """Geometry from the header alone, for files GDCM cannot read (e.g. one-frame RT Dose)."""
     origin = (0.0, 0.0, 0.0)
     direction = np.eye(3)
@@ -346,7 +349,7 @@ def _header_geometry(ds: Any, path: Path) -> tuple[tuple[float, ...], tuple[floa
             direction = np.stack([row, col, normal / np.linalg.norm(normal)], axis=1)
     except (AttributeError, TypeError, ValueError, IndexError):
         pass
-    spacing_xy = dicom_spacing(ds, path) or (1.0, 1.0)
+    spacing_xy = spacing_xy or (1.0, 1.0)
     z = 1.0
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):
         try:
