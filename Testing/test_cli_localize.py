@@ -96,8 +96,10 @@ def test_json_progress_lines_for_a_gui(model_dir, radiograph, tmp_path, capsys):
     )
     assert code == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [e["event"] for e in lines] == ["progress", "done"]
-    assert lines[0]["step"] == 1 and lines[0]["total"] == 1
+    assert [e["event"] for e in lines] == ["progress"] * 5 + ["done"]
+    # a GUI shows movement from the first second: the phases, then the finished image
+    assert [e.get("phase") for e in lines[:4]] == ["reading", "loading", "running", "writing"]
+    assert lines[4]["step"] == 1 and lines[4]["total"] == 1
 
 
 @pytest.mark.parametrize(

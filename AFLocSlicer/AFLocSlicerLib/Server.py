@@ -169,6 +169,8 @@ class ServerJob(JobEvents):
         self.coldStart = False
         """True when this request had to start the server (it pays for starting Python and loading the model)."""
         self._cancelled = False
+        self.engineSeconds: float | None = None
+        """Seconds the engine spent on the request (its ``finished`` event), None until then."""
 
     def start(self) -> None:
         self.startTime = time.monotonic()
@@ -214,6 +216,7 @@ class ServerJob(JobEvents):
                 continue
             if kind == protocol.FINISHED:
                 self.returncode = int(event.get(protocol.EXIT_CODE) or 0)
+                self.engineSeconds = event.get("seconds")
                 self._end(SUCCEEDED if self.returncode == 0 else FAILED)
                 return False
             self._handleEvent(event)

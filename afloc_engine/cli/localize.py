@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from afloc_engine import protocol
 from afloc_engine.cli.common import add_model_arguments, add_progress_argument, check_out_folder, parse_device, warn
 from afloc_engine.errors import AFLocError, PromptError
 from afloc_engine.locks import add_wait_argument
@@ -107,6 +108,12 @@ def _dicom_seg_source(path: Path, image: object) -> Path | None:
     return None
 
 
+def _phase(args: argparse.Namespace, step: int, message: str, phase: str, total: int = 0) -> None:
+    """A JSON progress line naming the phase (reading, loading, running, writing), so a GUI moves from the start."""
+    if args.progress == "json":
+        emit(protocol.PROGRESS, step=step, total=total, message=message, eta_s=None, phase=phase)
+
+
 def _slice_progress(path: Path):  # noqa: ANN202 (a callback)
     """JSON progress lines per batch of slices of a volume, so a GUI shows a long CT moving."""
 
@@ -157,11 +164,13 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise AFLocError(str(err)) from None
     # read every input first: a bad file stops the run before any output is written
+    _phase(args, 0, "reading the images", protocol.PHASE_READING)
     images = [read_image(p) for p in args.inputs]
     dicom_seg = [_dicom_seg_source(path, image) if args.dicom_seg else None for path, image in zip(args.inputs, images)]
     for path, source in zip(args.inputs, dicom_seg):
         if args.dicom_seg and source is None:
             warn(f"--dicom-seg: {path} is not a DICOM file or series, so no masks.dcm is written for it")
+    _phase(args, 0, f"loading model {args.model}", protocol.PHASE_LOADING)
     try:
         model = afloc_engine.load_model(args.model, device)
     except ValueError as err:
@@ -180,6 +189,7 @@ def _run(args: argparse.Namespace) -> int:
     with Progress(len(images), args.progress, desc="localize") as progress:
         for path, image, seg_source in zip(args.inputs, images, dicom_seg):
             extra = None
+            _phase(args, len(written), f"{path.name}: running the model", protocol.PHASE_RUNNING, len(images))
             if image.is_volume:
                 result = model.localize_volume(
                     image,
@@ -196,6 +206,7 @@ def _run(args: argparse.Namespace) -> int:
                 }
             else:
                 result = model.localize(image, prompts, args.threshold, similarity=args.similarity, adapter=adapter)
+            _phase(args, len(written), f"{path.name}: writing the results", protocol.PHASE_WRITING, len(images))
             out_dir = write_results(
                 result,
                 args.out / output_name(path, taken),

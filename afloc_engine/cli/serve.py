@@ -73,22 +73,8 @@ class ModelCache:
     def __call__(self, name_or_path: str = "default", device: str = "auto") -> Any:  # noqa: ANN401
         key = (str(name_or_path), str(device))
         if key not in self.models:
-            protocol_progress(f"loading model {name_or_path}", protocol.PHASE_LOADING)
             self.models[key] = self.load(name_or_path, device)
         return self.models[key]
-
-
-def protocol_progress(message: str, phase: str) -> None:
-    """One progress line without a step count (a phase of a request), on the current stdout."""
-    sys.stdout.write(
-        protocol.event_line(
-            protocol.PROGRESS,
-            **{protocol.STEP: 0, protocol.TOTAL: 0, protocol.MESSAGE: message, protocol.ETA_S: None},
-            **{protocol.PHASE: phase},
-        )
-        + "\n"
-    )
-    sys.stdout.flush()
 
 
 @contextlib.contextmanager
