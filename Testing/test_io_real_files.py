@@ -190,6 +190,9 @@ def test_nifti_nrrd_test_file_reads_with_simpleitk_geometry(path):
     image = read_image(path)
     single = ref.GetDimension() == 3 and ref.GetSize()[2] == 1
     _assert_same_frame(image, _frame(ref), single)
+    written = image.to_sitk(np.zeros(image.array.shape, np.float32))  # how heatmaps are written
+    assert written.GetSize() == ref.GetSize()
+    np.testing.assert_allclose(_frame(written), _frame(ref), atol=1e-4)
     assert image.array.size * max(1, ref.GetNumberOfComponentsPerPixel()) == math.prod(ref.GetSize()) * max(
         1, ref.GetNumberOfComponentsPerPixel()
     )
