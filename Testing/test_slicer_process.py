@@ -119,3 +119,11 @@ def test_engine_command_adds_json_progress():
     assert argv == ["py", "-m", "afloc_engine", "localize", "a.nrrd", "--prompt", "x", "--progress", "json"]
     assert protocol.parse_line('{"event": "progress", "step": 1}') == {"event": "progress", "step": 1}
     assert protocol.parse_line("{not json}") is None and protocol.parse_line('{"no_event": 1}') is None
+
+
+def test_progress_moves_inside_a_validation_fold():
+    """Fine-tuning's validation (about half of a run) reports fold progress; the bar moves with it."""
+    events = Process.JobProgress(10, 12, "validate", None, {"fold": 1, "fold_step": 5, "fold_total": 10})
+    assert events.fraction == pytest.approx(10.5 / 12)
+    assert Process.JobProgress(10, 12, "validate").fraction == pytest.approx(10 / 12)
+    assert Process.JobProgress(0, 0, "starting the AFLoc engine").fraction == 0.0

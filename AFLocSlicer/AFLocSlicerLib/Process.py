@@ -50,8 +50,15 @@ class JobProgress:
 
     @property
     def fraction(self) -> float:
-        """Done fraction in [0, 1] (0 when the total is unknown)."""
-        return min(1.0, self.step / self.total) if self.total > 0 else 0.0
+        """Done fraction in [0, 1] (0 when the total is unknown); inside a fine-tuning validation fold
+        (``fold_step`` of ``fold_total``) the fold's own progress counts as part of the current step."""
+        if self.total <= 0:
+            return 0.0
+        inner = 0.0
+        foldTotal = self.fields.get("fold_total")
+        if foldTotal:
+            inner = min(1.0, float(self.fields.get("fold_step") or 0) / float(foldTotal))
+        return min(1.0, (self.step + inner) / self.total)
 
 
 def engine_command(python: str, subcommand: str, arguments: Sequence[str]) -> list[str]:

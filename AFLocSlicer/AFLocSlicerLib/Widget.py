@@ -304,7 +304,9 @@ class AFLocWidgetController:
     def onProgress(self, progress: JobProgress) -> None:
         self.ui.progressBar.setValue(int(round(100 * progress.fraction)))
         text = progress.message or "working"
-        if progress.total > 0:
+        if progress.fields.get("fold_total"):
+            text += f": leave-one-out fit {progress.fields.get('fold')}, {100 * progress.fraction:.0f} % in all"
+        elif progress.total > 0:
             text += f": step {progress.step} of {progress.total}"
         if progress.eta_s is not None:
             text += f", about {progress.eta_s:.0f} s left"

@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
             nonlocal progress
             if progress is None:
                 progress = Progress(event["total"], args.progress, desc="finetune")
-            fields = {k: event[k] for k in ("epoch", "loss", "heldout_dice") if event.get(k) is not None}
+            keys = ("epoch", "loss", "heldout_dice", "fold", "fold_step", "fold_total")  # fold_*: inside validation
+            fields = {k: event[k] for k in keys if event.get(k) is not None}
             progress.update(event["step"] - progress.step, message=event["phase"], **fields)
 
         adapter = afloc_engine.finetune(

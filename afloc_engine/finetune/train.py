@@ -321,7 +321,7 @@ def _cross_validate(
         rest = [ex for i, ex in enumerate(examples) if i != idx]
         fold_config = dataclasses.replace(c, cv_folds=0, seed=c.seed + 1 + n)
         fold = finetune(run.model, rest, run.findings, fold_config, prompts=adapter.prompts,
-                        should_stop=run.steps.should_stop)  # fmt: skip
+                        should_stop=run.steps.should_stop, progress=_fold_progress(run.steps, n))  # fmt: skip
         fitted.append(fold)
         _score_blends(run.model, fold, examples[idx], run.findings, scores)
         run.steps.advance(1, "validate", fold=n + 1)
@@ -337,6 +337,12 @@ def _cross_validate(
     if c.bag:
         adapter.set_members([(a.head, a.stage) for a in fitted])
     return report, time.monotonic() - started
+
+
+def _fold_progress(steps: _Steps, n: int) -> ProgressCallback:
+    """Progress inside leave-one-out fit ``n`` (0-based): the step stays, ``fold_step`` of ``fold_total`` moves."""
+    return lambda e: steps.emit({"phase": "validate", "step": steps.done, "total": steps.total, "fold": n + 1,
+                                 "fold_step": e["step"], "fold_total": e["total"]})  # fmt: skip
 
 
 def _score_blends(model: AFLoc, fold: Adapter, left: Example, findings: list[str], scores: dict[float, list]) -> None:
