@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import textwrap
 from dataclasses import dataclass
@@ -169,6 +170,27 @@ def script_for(block: Block) -> str:
     return "set -euo pipefail\n" + setup + "\n" + body
 
 
+def run_script(script: str, repo: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``script`` under bash in ``repo``, in its own process group: on a timeout the whole group
+    (the commands the block started, too) is killed."""
+    with subprocess.Popen(
+        ["bash", "-c", script],
+        cwd=repo,
+        env=environment(repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"timed out after {timeout} s:\n{script}\n{stderr[-3000:]}")
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 BLOCKS = runnable_blocks()
 
 
@@ -185,14 +207,7 @@ def test_documented_block_runs_as_written(block: Block, workspaces, request):
     if kind == "slow" and not slow_enabled(request.config):
         pytest.skip(f"{block.id} is slow ({reason or 'minutes'}): run with -m slow or AFLOC_DOCS_SLOW=1")
     repo = workspaces(block.page)
-    proc = subprocess.run(
-        ["bash", "-c", script_for(block)],
-        cwd=repo,
-        env=environment(repo),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S["slow" if kind == "slow" else "fast"],
-    )
+    proc = run_script(script_for(block), repo, TIMEOUT_S["slow" if kind == "slow" else "fast"])
     assert proc.returncode == 0, (
         f"{block.id} failed (exit {proc.returncode}):\n{block.code}\n--- stdout ---\n{proc.stdout[-3000:]}"
         f"\n--- stderr ---\n{proc.stderr[-3000:]}"
