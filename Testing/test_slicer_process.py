@@ -127,3 +127,73 @@ def test_progress_moves_inside_a_validation_fold():
     assert events.fraction == pytest.approx(10.5 / 12)
     assert Process.JobProgress(10, 12, "validate").fraction == pytest.approx(10 / 12)
     assert Process.JobProgress(0, 0, "starting the AFLoc engine").fraction == 0.0
+
+
+# --- the warm engine (Server) -------------------------------------------------------------------------
+STAND_IN_SERVER = r"""
+import json, os, sys, time
+print(json.dumps({"event": "ready", "pid": os.getpid()}), flush=True)
+for line in sys.stdin:
+    request = json.loads(line)
+    if request.get("command") == "shutdown":
+        break
+    rid, args = request["id"], request["args"]
+    print(json.dumps({"event": "progress", "id": rid, "step": 0, "total": 1, "message": "running", "phase": "running"}),
+          flush=True)
+    print("a log line", flush=True)
+    if "die" in args:
+        os._exit(3)
+    if "sleep" in args:
+        time.sleep(60)
+    print(json.dumps({"event": "done", "id": rid, "outputs": [f"/out/{os.getpid()}"]}), flush=True)
+    print(json.dumps({"event": "finished", "id": rid, "exit_code": 0, "seconds": 0.01}), flush=True)
+"""
+
+
+@pytest.fixture()
+def stand_in_server(tmp_path):
+    """An EngineServer whose 'python -m afloc_engine serve' is a stand-in speaking the same protocol."""
+    from AFLocSlicerLib.Server import EngineServer
+
+    script = tmp_path / "serve.py"
+    script.write_text(STAND_IN_SERVER)
+    server = EngineServer(sys.executable)
+    server.argv = lambda: [sys.executable, str(script)]
+    yield server
+    server.kill()
+
+
+def test_one_server_serves_many_requests_and_restarts_after_it_died(stand_in_server):
+    server = stand_in_server
+    progress, logs = [], []
+    first = server.submit("localize", ["a.nrrd"], onProgress=progress.append, onLog=logs.append)
+    assert first.coldStart and progress[0].message == "starting the AFLoc engine"  # from the first instant
+    assert first.wait(30) == Process.SUCCEEDED and first.doneEvent["outputs"] == [f"/out/{server.proc.pid}"]
+    assert progress[-1].fields["phase"] == "running" and "a log line" in logs
+    pid = server.proc.pid
+    second = server.submit("localize", ["b.nrrd"])
+    assert not second.coldStart and second.wait(30) == Process.SUCCEEDED and server.proc.pid == pid
+    dying = server.submit("localize", ["die"])
+    assert dying.wait(30) == Process.FAILED and "ended unexpectedly" in dying.errorMessage
+    assert not server.alive
+    again = server.submit("localize", ["c.nrrd"])  # restarted on the next request
+    assert again.coldStart and again.wait(30) == Process.SUCCEEDED and server.proc.pid != pid
+    assert server.starts == 2
+
+
+def test_cancel_kills_the_server_and_stop_ends_it(stand_in_server):
+    server = stand_in_server
+    job = server.submit("localize", ["sleep"])
+    deadline = time.monotonic() + 30
+    while job.poll() and job.progress.fields.get("phase") != "running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pid = server.proc.pid
+    job.cancel()
+    assert job.wait(30) == Process.CANCELLED and not server.alive
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    ok = server.submit("localize", ["x"])
+    assert ok.wait(30) == Process.SUCCEEDED
+    proc = server.proc
+    server.stop()  # module cleanup / Slicer exit: asked to shut down, gone
+    assert proc.poll() == 0 and not server.alive
