@@ -20,12 +20,20 @@ layout (7x7/2 stem, 3x3/2 max-pool, stride in the bottleneck's 3x3 conv, 1x1 con
 downsample), so the backbone tensors map name for name. The reference feeds RGB copies of a
 grey image, so a 1-channel engine model gets the stem's kernels summed over RGB (exactly equal
 on grey input). ``embeddings.position_ids`` (a buffer old transformers saved),
-``num_batches_tracked`` and a torchvision ``fc`` head are dropped.
+``num_batches_tracked``, a torchvision ``fc`` head and the ``use_ce_loss`` variant's
+``img_encoder.local_f_embedder.weight`` (training only; named in the output's meta) are dropped.
+
+Settings (token length, BERT layers summed, temperatures, loss weights, normalisation) come
+from ``hyper_parameters`` (:func:`reference_settings`; the released values where absent), and
+variants whose inference the engine does not reproduce are refused in one sentence. The output
+runs the reference's inference (:data:`afloc_engine.config.REFERENCE_INFERENCE`) and keeps its
+own copy of the text model in ``text_model/`` (see ``docs/convert-reference.md``).
 
 Loading never runs code from the file: ``torch.load(weights_only=True)`` first; if the
 checkpoint's ``hyper_parameters`` make that refuse, it is read again with an unpickler that
 resolves only the globals torch's weights-only loader allows and turns every other global
-(OmegaConf classes, or anything hostile) into an inert placeholder that is never called.
+(OmegaConf classes, or anything hostile) into an inert placeholder that is never called; the
+configuration is read from the placeholders' pickled state (``_content`` / ``_val``).
 """
 
 from __future__ import annotations
