@@ -267,3 +267,24 @@ def test_permission_denied_is_one_line(model_dir, image, tmp_path):
     finally:
         os.chmod(base / "locked", 0o755)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_itk_write_failure_is_one_line_naming_the_output(model_dir, image, tmp_path, capsys, monkeypatch):
+    """ITK reports a full disk as a RuntimeError without errno (seen writing to /dev/full): still one line."""
+    message = (
+        "Exception thrown in SimpleITK ImageFileWriter_Execute: itkNrrdImageIO.cxx:1349:\n"
+        "ITK ERROR: NrrdImageIO(0x1): Write: Error writing heatmap_edema.nrrd:\n"
+        "[nrrd] _nrrdEncodingGzip_write: expected to write 360000 bytes, but only wrote 65536\n"
+        "[nrrd] _nrrdGzWrite: failed to write to file\n"
+    )
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(sitk, "WriteImage", fail)
+    out = tmp_path / "o"
+    assert main(_localize(model_dir, image, out, "--prompt", "edema", "--progress", "none")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"afloc localize: error: {out}: could not write an output file")
+    assert "failed to write to file" in err[0]
+    assert not out.exists()

@@ -115,8 +115,9 @@ def environment_problem(err: BaseException, args: argparse.Namespace | None = No
     if isinstance(err, RuntimeError) and "SimpleITK" in text and ("Writ" in text or "writ" in text):
         target = _write_target(args)
         why = _diagnose(target)
-        if why is None:
-            return None
+        if why is None:  # ITK does not say why: its last line (e.g. "failed to write to file") is the best clue
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            why = f"{lines[-1][:200]} (is the disk full?)"
         return f"could not write an output file: {why}", None if target is None else str(target)
     return None
 
