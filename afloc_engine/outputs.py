@@ -168,10 +168,17 @@ MASK_OUTLINE_RGB = (80 / 255, 160 / 255, 255 / 255)
 
 
 def overlay_rgb(
-    grey: np.ndarray, heatmap: np.ndarray, mask: np.ndarray | None = None, alpha: float = 0.55, outline: int = 1
+    grey: np.ndarray,
+    heatmap: np.ndarray,
+    mask: np.ndarray | None = None,
+    alpha: float = 0.55,
+    outline: int = 1,
+    outline_rgb: tuple[float, float, float] = (0.2, 1.0, 0.3),
 ) -> np.ndarray:
     """(H, W, 3) uint8 overlay: ``grey`` (H, W) in [0, 1], the heatmap's positive part in heat colours,
-    and the boundary of ``mask`` (H, W) bool, ``outline`` pixels wide, in :data:`MASK_OUTLINE_RGB`."""
+    and the boundary of ``mask`` (H, W) bool, ``outline`` pixels wide, in ``outline_rgb`` (0..1; green
+    by default, as reference outlines are drawn; ``overlay.png`` draws the model's mask in
+    :data:`MASK_OUTLINE_RGB`)."""
     base = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
     strength = np.clip(heatmap, 0, 1)[..., None]
     rgb = base * (1 - alpha * strength) + heat_colormap(strength[..., 0]) * alpha * strength
@@ -179,7 +186,7 @@ def overlay_rgb(
         inner = mask
         for _ in range(max(1, outline)):
             inner = _erode(inner)
-        rgb[mask & ~inner] = MASK_OUTLINE_RGB
+        rgb[mask & ~inner] = outline_rgb
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
@@ -243,7 +250,7 @@ def write_overlay_png(
             mask = _resize(mk[i].astype(np.float32), size) >= 0.5
         else:
             mask = None
-        tile = Image.fromarray(overlay_rgb(grey, heat, mask, outline=2))
+        tile = Image.fromarray(overlay_rgb(grey, heat, mask, outline=2, outline_rgb=MASK_OUTLINE_RGB))
         x, y = (i % cols) * size[0], (i // cols) * (size[1] + 18)
         sheet.paste(tile, (x, y + 18))
         draw.text((x + 4, y + 3), _title(title)[:60], fill=(255, 255, 255))
