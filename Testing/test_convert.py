@@ -59,6 +59,16 @@ def torchvision_resnet50_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
     return sd
 
 
+def reference_image_state(gen: torch.Generator, width: int) -> dict[str, torch.Tensor]:
+    """The image side of a reference state dict (short keys): torchvision ResNet-50 and the three embedders."""
+    sd = {f"img_encoder.model.{k}": v for k, v in torchvision_resnet50_state(gen).items()}
+    sd["img_encoder.local2_embedder.weight"] = torch.randn(width, 512, 1, 1, generator=gen) / 512**0.5
+    sd["img_encoder.local_embedder.weight"] = torch.randn(width, 1024, 1, 1, generator=gen) / 1024**0.5
+    sd["img_encoder.global_embedder.weight"] = torch.randn(width, 2048, generator=gen) / 2048**0.5
+    sd["img_encoder.global_embedder.bias"] = torch.randn(width, generator=gen)
+    return sd
+
+
 def reference_image_features(x: torch.Tensor, sd: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """torchvision ResNet-50 (v1.5: stride in the 3x3 conv) + AFLoc embedders, written out by hand.
 
@@ -127,12 +137,7 @@ def reference(bert_dir) -> dict[str, torch.Tensor]:
     """The reference short-key state dict: torchvision ResNet-50, three embedders, BERT (other weights)."""
     from transformers import BertConfig, BertModel
 
-    gen = torch.Generator().manual_seed(0)
-    sd = {f"img_encoder.model.{k}": v for k, v in torchvision_resnet50_state(gen).items()}
-    sd["img_encoder.local2_embedder.weight"] = torch.randn(D, 512, 1, 1, generator=gen) / 512**0.5
-    sd["img_encoder.local_embedder.weight"] = torch.randn(D, 1024, 1, 1, generator=gen) / 1024**0.5
-    sd["img_encoder.global_embedder.weight"] = torch.randn(D, 2048, generator=gen) / 2048**0.5
-    sd["img_encoder.global_embedder.bias"] = torch.randn(D, generator=gen)
+    sd = reference_image_state(torch.Generator().manual_seed(0), D)
     torch.manual_seed(2)  # different from the folder's weights: the checkpoint's must win
     bert = BertModel(BertConfig.from_pretrained(bert_dir))
     for k, v in bert.state_dict().items():
@@ -498,11 +503,7 @@ def minilm_checkpoint(tmp_path_factory) -> tuple[Path, dict, Path]:
     bert_config = AutoConfig.from_pretrained(folder)
     width = bert_config.hidden_size
     gen = torch.Generator().manual_seed(10)
-    sd = {f"img_encoder.model.{k}": v for k, v in torchvision_resnet50_state(gen).items()}
-    sd["img_encoder.local2_embedder.weight"] = torch.randn(width, 512, 1, 1, generator=gen) / 512**0.5
-    sd["img_encoder.local_embedder.weight"] = torch.randn(width, 1024, 1, 1, generator=gen) / 1024**0.5
-    sd["img_encoder.global_embedder.weight"] = torch.randn(width, 2048, generator=gen) / 2048**0.5
-    sd["img_encoder.global_embedder.bias"] = torch.randn(width, generator=gen)
+    sd = reference_image_state(gen, width)
     sd["img_encoder.local_f_embedder.weight"] = torch.randn(width, 2048, 1, 1, generator=gen) / 2048**0.5
     torch.manual_seed(11)  # not the folder's weights: the checkpoint's must be used
     bert = AutoModel.from_config(bert_config)
