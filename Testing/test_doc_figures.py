@@ -29,6 +29,8 @@ ENGINE_GPU = "docs/results/engine_gpu.json"
 VOL_DEF = "docs/results/volume_gpu_default.json"
 VOL_RES = "docs/results/volume_gpu_resnet50.json"
 MANIFEST = "afloc_engine/weights/manifest.json"
+CONFIG = "afloc_engine/weights/default/config.json"
+CALIB = "benchmarks/results/threshold_calibration.json"
 R = "README.md"
 RES_MD = "docs/results.md"
 CARD = "afloc_engine/weights/default/MODEL_CARD.md"
@@ -67,6 +69,11 @@ FIGURES: list[tuple[str, str, str, str, str, float]] = [
     (R, "CNR (1.08 vs 1.17)", "1.17", BACKBONES, f"{EFF}/cnr/mean", 1),
     (R, "(34 % vs 57 %;", "34", BACKBONES, f"{RES}/pointing/mean", 100),
     (R, "(34 % vs 57 %;", "57", BACKBONES, f"{EFF}/pointing/mean", 100),
+    # the shipped model's mask threshold (scripts/calibrate_threshold.py wrote it into config.json)
+    (R, "(heatmap > 0.64, the default model's threshold,", "0.64", CONFIG, "model/threshold", 1),
+    (R, "(heatmap > 0.64, the default model's threshold,", "0.64", CALIB, "recommended", 1),
+    (R, "the model's own, 0.64 for the default model", "0.64", CONFIG, "model/threshold", 1),
+    ("docs/architecture.md", "0.64 for the shipped model", "0.64", CONFIG, "model/threshold", 1),
     # the shipped weights
     (R, "fp16 safetensors, 7.8 MB;", "7.8", MANIFEST, "models/0/size", 1e-6),
     # engine benchmark on the CPU (benchmarks/engine.py)
@@ -136,7 +143,7 @@ def matches(figure: str, value: float) -> bool:
 @pytest.mark.parametrize(
     ("page", "piece", "figure", "source", "key_path", "scale"),
     FIGURES,
-    ids=[f"{p}:{fig}:{src.split('/')[-1]}:{k.split('/')[-2]}/{k.split('/')[-1]}" for p, _, fig, src, k, _ in FIGURES],
+    ids=[f"{p}:{fig}:{src.split('/')[-1]}:{'.'.join(k.split('/')[-2:])}" for p, _, fig, src, k, _ in FIGURES],
 )
 def test_quoted_figure_equals_its_result_file(page, piece, figure, source, key_path, scale):
     text = (REPO / page).read_text()

@@ -5,7 +5,7 @@
 docs/overlay_rg1_uncr.png: the real radiograph RG1_UNCR.dcm (pydicom-data); docs/overlay_covid_dev.png:
 covid-cxr dev image 037ba76e1c4f with its radiologist's ground-glass outline in green. Prompt:
 "Findings suggesting ground glass opacity"; heat colours where the heatmap is above 0, the model's
-mask (threshold 0.3) outlined in blue.
+mask (heatmap above the model's own threshold, ``config.json``) outlined in blue, as in the demo's overlay.png.
 """
 
 from __future__ import annotations
