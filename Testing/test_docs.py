@@ -248,6 +248,10 @@ def test_documented_outputs_are_git_ignored():
         probe = out.rstrip("/") + "/probe.file"
         ignored = subprocess.run(["git", "check-ignore", "-q", probe], cwd=REPO).returncode == 0
         assert ignored, f"documented output {out} is not git-ignored"
+        # the one-writer lock file afloc_engine.locks puts beside an output folder
+        folder = Path(out.rstrip("/"))
+        lock = folder.parent / f".{folder.name}.afloc.lock"
+        assert subprocess.run(["git", "check-ignore", "-q", str(lock)], cwd=REPO).returncode == 0, lock
 
 
 def test_the_readme_explains_the_warnings_the_demo_prints(sample_dicom, caplog):
