@@ -336,8 +336,8 @@ class AFLocWidgetController:
 
     @staticmethod
     def resultText(run: AFLocResults, index: int, share: float) -> str:
-        """'pneumothorax: p 0.81, mask 10.7 % of the image [default #1]' (one result combo box item)."""
-        shareText = "" if share != share else f", mask {100 * share:.1f} % of the image"  # NaN: unknown
+        """'pneumothorax: p 0.81, 10.7 % [default #1]': finding, probability, the mask's share of the image, run."""
+        shareText = "" if share != share else f", {100 * share:.1f} %"  # NaN: unknown
         return f"{run.findings[index]}: p {run.probabilities[index]:.2f}{shareText} [{run.label}]"
 
     def refreshResults(self, select: AFLocResults | None = None) -> None:
