@@ -683,3 +683,25 @@ def test_parameters_survive_saving_the_scene(scene, logic, tmp_path):
     )
     assert kept.volume.GetScene() is reloaded and kept.segmentation.GetScene() is reloaded
     assert again.inputVolume is not None and again.inputVolume.GetName() == "img"
+
+
+def test_mask_area_in_pixels_without_spacing_and_share_of_the_image(scene, tmp_path, shared_data):
+    """A PNG/JPEG has no pixel spacing: its mask area is in px (not mm² of assumed 1 mm pixels), written
+    readably; a DICOM's is in mm²/cm². The table holds each mask's share of the image."""
+    from AFLocSlicerLib.Scene import formatArea, spacingKnown
+
+    jpeg = sf.load_raster_volume(scene, shared_data / "covid-cxr" / "images" / "d45d56d1db55.jpg")
+    assert not spacingKnown(jpeg)
+    assert formatArea(1117370, jpeg) == "1,117,370 px"
+    dicom = sf.add_volume(scene, np.zeros((1, 10, 10), np.int16), np.diag([-0.2, -0.2, 1.0, 1.0]), "dcm")
+    dicom.SetAttribute("DICOM.instanceUIDs", "1.2.3")
+    assert spacingKnown(dicom) and formatArea(84898, dicom) == "34.0 cm²" and formatArea(100, dicom) == "4 mm²"
+    h, w = Scene.volumeArray(jpeg).shape[1:]
+    heat = square_heatmap((h, w), (100, 300, 100, 300))
+    exported = Scene.exportVolume(jpeg, tmp_path / "jpeg.nrrd")
+    results = SceneResults.importResults(scene, jpeg, engine_results_folder(tmp_path, exported, [heat], ["edema"]))
+    table = results.table.GetTable()
+    pixels = int((Scene.volumeArray(results.heatmaps[0]) > 0.3).sum())
+    assert table.GetValueByName(0, "Mask area").ToString() == f"{pixels:,} px"
+    assert table.GetValueByName(0, "Mask share (%)").ToDouble() == pytest.approx(100 * pixels / (h * w), abs=0.05)
+    assert results.maskShares()[0] == pytest.approx(pixels / (h * w), abs=5e-4)
