@@ -77,6 +77,33 @@ def run_once(tree: Path, image: Path, extra: list[str]) -> dict[str, Any]:
     return record
 
 
+def import_profile(tree: Path, image: Path, top: int = 12) -> dict[str, Any]:
+    """One more cold run under ``python -X importtime``: its wall time and the slowest top-level imports
+    (cumulative seconds, nested imports included), to show what the cold start spends on imports."""
+    out = Path(tempfile.mkdtemp(prefix="afloc-bench-imports-"))
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-X", "importtime", "-m", "afloc_engine", "localize", str(image), "--preset", "cxr"]
+    start = time.perf_counter()
+    done = subprocess.run(
+        [*command, "--out", str(out / "o"), "--progress", "none"], cwd=tree, env=env, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    imports: dict[str, float] = {}
+    for line in done.stderr.splitlines():
+        if not line.startswith("import time:") or line.count("|") != 2:
+            continue
+        _, cumulative, name = line.split("|")
+        if cumulative.strip().isdigit() and len(name) - len(name.lstrip()) <= 1:  # top level only
+            imports[name.strip()] = imports.get(name.strip(), 0.0) + int(cumulative) / 1e6
+    slowest = sorted(imports.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "wall_s": round(wall, 2),
+        "imports_s": round(sum(imports.values()), 2),
+        "slowest_top_level_imports_s": {k: round(v, 2) for k, v in slowest},
+    }
+
+
 def recoverability(folder: Path, image: Path) -> dict[str, Any]:
     """Largest |heatmap file - model.localize heatmap| over the 14 prompts (the files' value step)."""
     import numpy as np
@@ -111,6 +138,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5, help="cold runs per engine (the median is reported)")
     parser.add_argument("--old-tree", type=Path, default=None, help="worktree of an earlier commit to time alike")
     parser.add_argument("--old-args", default="", help="extra arguments the old tree's localize needs")
+    parser.add_argument("--imports", action="store_true", help="also profile the imports of one cold run")
     parser.add_argument("--json", type=Path, default=None, help="output JSON (default benchmarks/results/...)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,6 +166,8 @@ def main() -> int:
         "machine": machine_info("cpu"),
         "current": {"commit": _commit(REPO), **summary(results["current"]), **recoverability(last, image)},
     }
+    if args.imports:
+        report["current"]["import_profile"] = {"load_average_before": load_average(), **import_profile(REPO, image)}
     if "old" in results:
         report["old"] = {"commit": _commit(engines["old"][0]), **summary(results["old"])}
         report["speedup_median"] = round(report["old"]["median_wall_s"] / report["current"]["median_wall_s"], 2)
