@@ -74,18 +74,24 @@ def write_heatmap(image: ImageData, heatmap: np.ndarray, path: Path, quantize: b
     sitk.WriteImage(itk, str(path), True, HEATMAP_COMPRESSION)
 
 
-def _write_heatmaps(image: ImageData, heatmaps: np.ndarray, paths: list[Path]) -> None:
-    """:func:`write_heatmap` of already quantised heatmaps, two at a time (gzip runs outside Python's lock)."""
+def _write_heatmaps(image: ImageData, heatmaps: np.ndarray, paths: list[Path], threshold: float) -> np.ndarray:
+    """:func:`write_heatmap` of each heatmap, two at a time (numpy and gzip run outside Python's lock).
+
+    Returns the masks (P, ...) bool of the written (quantised) heatmaps above ``threshold``; each map is
+    quantised in its own thread, so no second full copy of all P heatmaps is made.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
+    def one(heat: np.ndarray, path: Path) -> np.ndarray:
+        stored = quantize_heatmap(heat)
+        write_heatmap(image, stored, path, quantize=False)
+        return stored > threshold
+
     if len(paths) < 2:
-        for heat, path in zip(heatmaps, paths):
-            write_heatmap(image, heat, path, quantize=False)
-        return
+        return np.stack([one(heat, path) for heat, path in zip(heatmaps, paths)])
     with ThreadPoolExecutor(max_workers=2) as pool:
-        jobs = [pool.submit(write_heatmap, image, heat, path, False) for heat, path in zip(heatmaps, paths)]
-        for future in jobs:
-            future.result()
+        jobs = [pool.submit(one, heat, path) for heat, path in zip(heatmaps, paths)]
+        return np.stack([job.result() for job in jobs])
 
 
 def segment_name(prompt: str) -> str:
@@ -205,7 +211,8 @@ def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     if array.shape == (size[1], size[0]):
         return np.asarray(array, dtype=np.float32)
-    return np.asarray(Image.fromarray(np.ascontiguousarray(array, dtype=np.float32)).resize(size, Image.BOX))
+    # a writable copy (PIL's buffer is read-only; torch warns about read-only arrays)
+    return np.array(Image.fromarray(np.ascontiguousarray(array, dtype=np.float32)).resize(size, Image.BOX))
 
 
 def _title(text: str) -> str:
@@ -276,16 +283,15 @@ def write_results(
     that re-thresholds a heatmap file gets exactly the segment beside it (``result.masks`` may differ
     at pixels within ``HEATMAP_STEP / 2`` of the threshold).
     """
-    heatmaps = quantize_heatmap(result.heatmaps)
-    if dataclasses.is_dataclass(result):
-        result = dataclasses.replace(result, heatmaps=heatmaps, masks=heatmaps > result.threshold)
     tmp = atomic_folder(out_dir)
     try:
         names = unique_slugs(result.prompts)
         heat_files = [f"heatmap_{name}.nrrd" for name in names]
         files: dict[str, Any] = {"heatmaps": heat_files, "segmentation": "masks.seg.nrrd"}
-        _write_heatmaps(result.image, heatmaps, [tmp / f for f in heat_files])
-        write_segmentation(result.image, result.masks, list(result.prompts), tmp / files["segmentation"])
+        masks = _write_heatmaps(result.image, result.heatmaps, [tmp / f for f in heat_files], result.threshold)
+        if dataclasses.is_dataclass(result):
+            result = dataclasses.replace(result, masks=masks)  # the masks of the heatmaps as written
+        write_segmentation(result.image, masks, list(result.prompts), tmp / files["segmentation"])
         adapter = getattr(result, "adapter", None)  # which few-shot adapter changed which prompts (or None)
         if overlay:
             titles = list(result.prompts)
@@ -294,7 +300,7 @@ def write_results(
 
                 note = adapter_note(adapter, short=True)
                 titles = [f"[{note}] {t}" if t in adapter["prompts"] else t for t in titles]
-            write_overlay_png(result.image, result.heatmaps, result.masks, titles, tmp / "overlay.png")
+            write_overlay_png(result.image, result.heatmaps, masks, titles, tmp / "overlay.png")
             files["overlay"] = "overlay.png"
         if dicom_seg_source is not None:
             from afloc_engine.dicom_seg import write_dicom_seg
@@ -324,7 +330,7 @@ def write_results(
                     heat_files,
                     result.negative_prompts,
                     result.probabilities,
-                    result.masks,
+                    masks,
                     assess(result.heatmaps, result.prompts),
                 )
             ],
