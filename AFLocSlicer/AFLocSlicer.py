@@ -215,6 +215,7 @@ class AFLocSlicerTest(ScriptedLoadableModuleTest):
         self.assertTrue(np.array_equal(masks[0], Scene.volumeArray(results.heatmaps[0]) > 0.6))
         logic.showResults(results, 1, 0.5)
         logic.removeResults(results)
+        logic.shutdown()
         self.assertEqual(self.snapshot(), before)
         self.delayDisplay("DICOM radiograph: OK")
 
@@ -235,4 +236,5 @@ class AFLocSlicerTest(ScriptedLoadableModuleTest):
         )
         self.assertEqual(results.findings, ["ground glass opacity"])
         logging.info("AFLoc probabilities: %s", results.probabilities)
+        logic.shutdown()
         self.delayDisplay("covid-cxr image: OK")

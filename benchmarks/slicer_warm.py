@@ -28,20 +28,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Testing"))  # slicer_fakes: a headless scene and Slicer-like loaders
+sys.path.insert(0, str(REPO / "benchmarks"))
 PROMPTS = ["Findings suggesting pneumothorax", "Findings suggesting pleural effusion"]
 IMAGES = ("RG1_UNCR.dcm", "RG3_UNCR.dcm")
 TARGET_S = 1.5
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else :func:`platform.processor`."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed_localize(logic: Any, volume: Any) -> dict[str, Any]:  # noqa: ANN401
@@ -51,11 +41,13 @@ def timed_localize(logic: Any, volume: Any) -> dict[str, Any]:  # noqa: ANN401
     results = task.wait(600)
     total = time.perf_counter() - start
     engine = getattr(task.process, "engineSeconds", None)
+    cpu = getattr(task.process, "engineCpuSeconds", None)
     return {
         "image": volume.GetName(),
         "size": list(volume.GetImageData().GetDimensions()[:2]),
         "seconds": round(total, 3),
         "engine_seconds": None if engine is None else round(float(engine), 3),
+        "engine_cpu_seconds": None if cpu is None else round(float(cpu), 3),
         "heatmaps": len(results.heatmaps),
     }
 
@@ -94,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     host = platform.node() or "host"
     out = args.out or REPO / "benchmarks" / "results" / f"slicer_warm-{host}.json"
+    from machine import load_average, machine_info
+
+    start_info = machine_info("cpu")
     measured = run(args.threads)
     second = measured["warm"]["second"]["seconds"]
     report = {
@@ -108,15 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         "warm_second_within_target": second <= TARGET_S,
         "target_seconds": TARGET_S,
         "speedup_second": round(measured["cold"]["second"]["seconds"] / second, 1),
-        "machine": {
-            "cpu_model": cpu_model(),
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "host": host,
-        },
+        "machine": {**start_info, "load_average_end": load_average(), "host": host},
         "command": "python benchmarks/slicer_warm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

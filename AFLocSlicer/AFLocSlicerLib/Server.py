@@ -170,6 +170,7 @@ class ServerJob(JobEvents):
         """True when this request had to start the server (it pays for starting Python and loading the model)."""
         self._cancelled = False
         self.engineSeconds: float | None = None
+        self.engineCpuSeconds: float | None = None
         """Seconds the engine spent on the request (its ``finished`` event), None until then."""
 
     def start(self) -> None:
@@ -217,6 +218,7 @@ class ServerJob(JobEvents):
             if kind == protocol.FINISHED:
                 self.returncode = int(event.get(protocol.EXIT_CODE) or 0)
                 self.engineSeconds = event.get("seconds")
+                self.engineCpuSeconds = event.get("cpu_seconds")
                 self._end(SUCCEEDED if self.returncode == 0 else FAILED)
                 return False
             self._handleEvent(event)

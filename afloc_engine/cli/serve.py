@@ -4,7 +4,7 @@ Made for a GUI (the Slicer module starts one per session): JSON lines both ways,
 :mod:`afloc_engine.protocol`. Each request is ``{"id": ..., "command": "localize", "args": [...]}``
 with the arguments of the one-shot command; the answer is that command's JSON-line events (each
 tagged with the request's ``id``) and a final ``{"event": "finished", "id": ..., "exit_code": N}``
-with the exit status the one-shot command would have had. Models stay loaded between requests
+with the exit status the one-shot command would have had (and the request's wall and CPU seconds). Models stay loaded between requests
 (keyed by name and device), so only the first request pays for loading one.
 
 The server ends on ``{"command": "shutdown"}``, at the end of stdin, or when killed; it handles
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                 break
             request_id = request.get(protocol.REQUEST_ID)
             tagged = TaggedStream(out, request_id)
-            start = time.monotonic()
+            start, cpu_start = time.monotonic(), time.process_time()
             sys.stdout = tagged
             try:
                 code = handle(request, parser)
@@ -163,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
                     protocol.FINISHED,
                     **{protocol.REQUEST_ID: request_id, protocol.EXIT_CODE: code},
                     seconds=round(time.monotonic() - start, 3),
+                    cpu_seconds=round(time.process_time() - cpu_start, 3),
                 )
                 + "\n"
             )
