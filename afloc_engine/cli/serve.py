@@ -4,8 +4,9 @@ Made for a GUI (the Slicer module starts one per session): JSON lines both ways,
 :mod:`afloc_engine.protocol`. Each request is ``{"id": ..., "command": "localize", "args": [...]}``
 with the arguments of the one-shot command; the answer is that command's JSON-line events (each
 tagged with the request's ``id``) and a final ``{"event": "finished", "id": ..., "exit_code": N}``
-with the exit status the one-shot command would have had (and the request's wall and CPU seconds). Models stay loaded between requests
-(keyed by name and device), so only the first request pays for loading one.
+with the exit status the one-shot command would have had (and the request's wall and CPU seconds).
+Models stay loaded between requests (keyed by name and device), so only the first request pays for
+loading one.
 
 The server ends on ``{"command": "shutdown"}``, at the end of stdin, or when killed; it handles
 one request at a time. Errors in one request (bad file, bad arguments) end that request only.
