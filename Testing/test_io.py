@@ -342,3 +342,9 @@ def test_enhanced_multiframe_is_a_volume_with_its_functional_group_rescale():
     assert image.is_volume and image.array.shape == reference.shape
     np.testing.assert_array_equal(image.array, reference)
     assert min(image.spacing) > 0  # GDCM's -10 mm between frames becomes a flipped direction column
+
+
+def test_arrays_are_writable_so_torch_does_not_warn(tmp_path):
+    Image.fromarray(np.full((20, 30, 3), 9, np.uint8)).save(tmp_path / "colour.png")
+    image = read_image(tmp_path / "colour.png")
+    assert image.array.flags.writeable and image.rgb.flags.writeable

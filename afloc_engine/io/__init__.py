@@ -69,6 +69,11 @@ def read_image(path: str | Path) -> ImageData:
             )
     image.source = path
     _check_pixels(image, path)
+    # writable arrays (memory-mapped or Pillow-backed ones are not): torch and MONAI warn on read-only ones
+    if not image.array.flags.writeable:
+        image.array = image.array.copy()
+    if image.rgb is not None and not image.rgb.flags.writeable:
+        image.rgb = image.rgb.copy()
     return image
 
 
