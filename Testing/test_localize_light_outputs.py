@@ -115,3 +115,20 @@ def test_no_library_log_noise_on_the_terminal(cli_run):
         assert not any(word in line for word in noise), line
         # every line is the engine's own: the command's prefix or a logged warning naming the file
         assert line.startswith(("afloc localize:", "WARNING: ")), line
+
+
+def test_specificity_of_large_maps_is_computed_on_a_subsample_with_the_same_result(monkeypatch):
+    """``assess`` (run twice per localisation) subsamples radiograph-sized maps; the scores stay put."""
+    import torch
+
+    from afloc_engine import specificity
+
+    grid = torch.from_numpy(np.random.default_rng(0).normal(size=(4, 1, 14, 14)).astype(np.float32))
+    maps = torch.nn.functional.interpolate(grid, size=(1955, 1841), mode="bilinear")[:, 0].numpy()
+    prompts = ["a", "b", "c", "d"]
+    fast = specificity.assess(maps, prompts)
+    monkeypatch.setattr(specificity, "ASSESS_MAX_PIXELS", maps[0].size)
+    full = specificity.assess(maps, prompts)
+    for f, g in zip(fast, full):
+        assert f.specificity == pytest.approx(g.specificity, abs=2e-3)
+        assert f.lung_correlation == pytest.approx(g.lung_correlation, abs=2e-3)
