@@ -32,6 +32,9 @@ MANIFEST = "afloc_engine/weights/manifest.json"
 CONFIG = "afloc_engine/weights/default/config.json"
 CALIB = "benchmarks/results/threshold_calibration.json"
 R = "README.md"
+ROW_SIMPLE = "| **0.252** [0.205, 0.303] | 0.368 [0.309, 0.427] | **1.217** [1.122, 1.324] | 0.518 |"
+ROW_PRECISE = "| 0.226 [0.182, 0.272] | 0.338 [0.282, 0.394] | 1.080 [0.982, 1.191] | 0.438 |"
+GGO_PRECISE = "results/default/findings/ground_glass_opacity/kinds/precise"
 RES_MD = "docs/results.md"
 CARD = "afloc_engine/weights/default/MODEL_CARD.md"
 
@@ -57,6 +60,27 @@ FIGURES: list[tuple[str, str, str, str, str, float]] = [
     (R, "| 0.118 [0.094, 0.144] | 0 | 0.12 |", "0.144", EVAL, f"{CONST}/iou/ci/1", 1),
     (R, "| 0.118 [0.094, 0.144] | 0 | 0.12 |", "0", EVAL, f"{CONST}/cnr/mean", 1),
     (R, "| 0.118 [0.094, 0.144] | 0 | 0.12 |", "0.12", EVAL, f"{CONST}/pointing/mean", 1),
+    # docs/results.md §1, the default model's ground-glass rows (afloc evaluate)
+    (RES_MD, ROW_SIMPLE, "0.252", EVAL, f"{GGO}/iou/mean", 1),
+    (RES_MD, ROW_SIMPLE, "0.205", EVAL, f"{GGO}/iou/ci/0", 1),
+    (RES_MD, ROW_SIMPLE, "0.303", EVAL, f"{GGO}/iou/ci/1", 1),
+    (RES_MD, ROW_SIMPLE, "0.368", EVAL, f"{GGO}/dice/mean", 1),
+    (RES_MD, ROW_SIMPLE, "0.309", EVAL, f"{GGO}/dice/ci/0", 1),
+    (RES_MD, ROW_SIMPLE, "0.427", EVAL, f"{GGO}/dice/ci/1", 1),
+    (RES_MD, ROW_SIMPLE, "1.217", EVAL, f"{GGO}/cnr/mean", 1),
+    (RES_MD, ROW_SIMPLE, "1.122", EVAL, f"{GGO}/cnr/ci/0", 1),
+    (RES_MD, ROW_SIMPLE, "1.324", EVAL, f"{GGO}/cnr/ci/1", 1),
+    (RES_MD, ROW_SIMPLE, "0.518", EVAL, f"{GGO}/pointing/mean", 1),
+    (RES_MD, ROW_PRECISE, "0.226", EVAL, f"{GGO_PRECISE}/iou/mean", 1),
+    (RES_MD, ROW_PRECISE, "0.182", EVAL, f"{GGO_PRECISE}/iou/ci/0", 1),
+    (RES_MD, ROW_PRECISE, "0.272", EVAL, f"{GGO_PRECISE}/iou/ci/1", 1),
+    (RES_MD, ROW_PRECISE, "0.338", EVAL, f"{GGO_PRECISE}/dice/mean", 1),
+    (RES_MD, ROW_PRECISE, "0.282", EVAL, f"{GGO_PRECISE}/dice/ci/0", 1),
+    (RES_MD, ROW_PRECISE, "0.394", EVAL, f"{GGO_PRECISE}/dice/ci/1", 1),
+    (RES_MD, ROW_PRECISE, "1.080", EVAL, f"{GGO_PRECISE}/cnr/mean", 1),
+    (RES_MD, ROW_PRECISE, "0.982", EVAL, f"{GGO_PRECISE}/cnr/ci/0", 1),
+    (RES_MD, ROW_PRECISE, "1.191", EVAL, f"{GGO_PRECISE}/cnr/ci/1", 1),
+    (RES_MD, ROW_PRECISE, "0.438", EVAL, f"{GGO_PRECISE}/pointing/mean", 1),
     (RES_MD, "| 0.28 [0.18, 0.39] (2 negatives only", "0.28", EVAL, f"{GGO}/auroc/value", 1),
     (RES_MD, "| 0.28 [0.18, 0.39] (2 negatives only", "0.18", EVAL, f"{GGO}/auroc/ci/0", 1),
     (RES_MD, "| 0.28 [0.18, 0.39] (2 negatives only", "0.39", EVAL, f"{GGO}/auroc/ci/1", 1),
