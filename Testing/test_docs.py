@@ -267,3 +267,24 @@ def test_the_readme_explains_the_warnings_the_demo_prints(sample_dicom, caplog):
     readme = (REPO / "README.md").read_text()
     for message in said:
         assert message in readme, f"the README does not explain the demo's warning {message!r}"
+
+
+def test_the_readme_names_every_command_and_models_action():
+    """The README's synopsis has a line for each ``afloc`` command and each ``afloc models`` action, and says
+    where AFLOC_HOME keeps models and adapters."""
+    import argparse
+
+    from afloc_engine.cli import SUBCOMMANDS, build_parser
+
+    readme = (REPO / "README.md").read_text()
+    synopsis = next(b.code for b in code_blocks("README.md") if b.lang == "text" and "afloc localize" in b.code)
+    for name in SUBCOMMANDS:
+        assert re.search(rf"^afloc {re.escape(name)}\b", synopsis, re.M), f"README synopsis lacks afloc {name}"
+    models = next(
+        a
+        for a in build_parser()._subparsers._group_actions[0].choices["models"]._actions  # noqa: SLF001
+        if isinstance(a, argparse._SubParsersAction)  # noqa: SLF001
+    )
+    for action in models.choices:
+        assert re.search(rf"\b{action}\b", synopsis.split("afloc models", 1)[1].splitlines()[0]), action
+    assert "$AFLOC_HOME/models" in readme and "$AFLOC_HOME/adapters" in readme
