@@ -250,7 +250,7 @@ def draw_legend(view: np.ndarray, legend: Any, value_range: tuple[float, float] 
     draw = ImageDraw.Draw(image)
     size = legend.GetSize()
     bar_w, bar_h = max(8, int(0.25 * size[0] * w)), int(size[1] * h)
-    x0, y0 = w - bar_w - 48, (h - bar_h) // 2
+    x0, y0 = w - bar_w - 30, (h - bar_h) // 2  # at the right edge of the view, labels to its right
     color = legend.GetColorNode() or legend.GetPrimaryDisplayNode().GetColorNode()  # a volume's legend: its own
     lut = color.GetLookupTable()
     count = lut.GetNumberOfTableValues()
@@ -264,7 +264,7 @@ def draw_legend(view: np.ndarray, legend: Any, value_range: tuple[float, float] 
         y = y0 + bar_h - int(round(k / (labels - 1) * bar_h))
         draw.text((x0 + bar_w + 4, y - 6), legend.GetLabelFormat() % value, fill=(240, 240, 240))
     title = legend.GetTitleText()
-    draw.text((max(0, x0 + bar_w - 7 * len(title)), y0 - 16), title, fill=(240, 240, 240))
+    draw.text((max(0, w - 4 - 6 * len(title)), y0 - 18), title, fill=(240, 240, 240))  # above the bar
     return np.asarray(image)
 
 

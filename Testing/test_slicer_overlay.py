@@ -149,6 +149,8 @@ def test_two_radiographs_shown_in_turn_show_only_their_own_results(tmp_path, sam
     dicom = sf.load_dicom_volume(scene, sample_dicom)
     jpeg = sf.load_raster_volume(scene, shared_data / "covid-cxr" / "images" / "d45d56d1db55.jpg")
     logic = AFLocLogic(scene, python=sys.executable, adaptersDir=tmp_path / "adapters")
+    logic.shutdown()  # a fresh engine for this test (the session's server is shared)
+    starts = logic.server.starts
     try:
         runs = {}
         for volume in (dicom, jpeg):
@@ -197,6 +199,7 @@ def test_two_radiographs_shown_in_turn_show_only_their_own_results(tmp_path, sam
         assert again.segmentation.GetAttribute("AFLoc.Adapter") == ""
         logic.localize(dicom, ["Findings suggesting pneumothorax"], device="cpu", timeout=600, replace=True)
         assert [r.label for r in logic.runsFor(dicom)] == ["default #3"]
-        assert logic.server.starts == 1  # one warm engine served every run
+        assert logic.server.starts == starts + 1  # one warm engine served every run
+        assert AFLocLogic(scene, python=sys.executable).server is logic.server  # one per session
     finally:
         logic.shutdown()

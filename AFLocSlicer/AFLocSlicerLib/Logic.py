@@ -52,7 +52,8 @@ class AFLocLogic:
         python: interpreter that runs ``-m afloc_engine`` (default: PythonSlicer in Slicer, else this one).
         env: environment of the engine processes (default: Slicer's startup environment / ours).
         adaptersDir: where finished adapters are kept (default: ``$AFLOC_HOME/adapters``).
-        warm: run jobs on one warm engine process kept for the session (default), else one process per job.
+        warm: run jobs on the session's warm engine (default; one per interpreter, shared by every logic
+            object), else one process per job.
     """
 
     def __init__(
@@ -67,7 +68,7 @@ class AFLocLogic:
         self.python = python or Process.defaultPython()
         self.env = env if env is not None else Process.defaultEnvironment()
         self.adaptersDir = Path(adaptersDir) if adaptersDir else aflocHome() / "adapters"
-        self.server: EngineServer | None = EngineServer(self.python, self.env) if warm else None
+        self.server: EngineServer | None = EngineServer.shared(self.python, self.env) if warm else None
 
     @property
     def parameters(self) -> AFLocParameters:

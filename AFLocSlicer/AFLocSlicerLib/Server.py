@@ -43,6 +43,15 @@ class EngineServer:
     """
 
     _ids = itertools.count(1)
+    _shared: dict[str, EngineServer] = {}
+
+    @classmethod
+    def shared(cls, python: str, env: dict[str, str] | None = None) -> EngineServer:
+        """The session's server for ``python`` (one per interpreter, however many logic objects ask)."""
+        server = cls._shared.get(python)
+        if server is None:
+            server = cls._shared[python] = cls(python, env)
+        return server
 
     def __init__(self, python: str, env: dict[str, str] | None = None) -> None:
         self.python = python
