@@ -77,6 +77,42 @@ def run_once(tree: Path, image: Path, extra: list[str]) -> dict[str, Any]:
     return record
 
 
+PHASES = r"""
+import json, sys, tempfile, time, warnings
+warnings.simplefilter("ignore")
+t = [time.perf_counter()]
+def lap():
+    t.append(time.perf_counter())
+    return round(t[-1] - t[-2], 3)
+import torch
+out = {"import_torch_s": lap()}
+import afloc_engine
+from afloc_engine.io import read_image
+from afloc_engine.outputs import write_results
+from afloc_engine.prompts import preset_prompts
+out["import_engine_s"] = lap()
+image = read_image(sys.argv[1])
+out["read_image_s"] = lap()
+model = afloc_engine.load_model("default", "cpu")
+out["load_model_s"] = lap()
+result = model.localize(image, preset_prompts("cxr"))
+out["localize_s"] = lap()
+write_results(result, __import__("pathlib").Path(tempfile.mkdtemp()) / "o")
+out["write_results_s"] = lap()
+out["total_s"] = round(t[-1] - t[0], 3)
+print(json.dumps(out))
+"""
+
+
+def phases(tree: Path, image: Path) -> dict[str, Any]:
+    """One cold process timing each phase in turn (imports, read, model load, localize, write_results)."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-c", PHASES, str(image)], cwd=tree, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def import_profile(tree: Path, image: Path, top: int = 12) -> dict[str, Any]:
     """One more cold run under ``python -X importtime``: its wall time and the slowest top-level imports
     (cumulative seconds, nested imports included), to show what the cold start spends on imports."""
@@ -168,8 +204,10 @@ def main() -> int:
     }
     if args.imports:
         report["current"]["import_profile"] = {"load_average_before": load_average(), **import_profile(REPO, image)}
+        for name, (tree, _) in engines.items():
+            report.setdefault(name, {})["phases"] = {"load_average_before": load_average(), **phases(tree, image)}
     if "old" in results:
-        report["old"] = {"commit": _commit(engines["old"][0]), **summary(results["old"])}
+        report["old"] = {"commit": _commit(engines["old"][0]), **summary(results["old"]), **report.get("old", {})}
         # runs alternate, so run i of each engine saw about the same load: the median of the paired
         # ratios is steadier than the ratio of the medians when the machine's load drifts
         pairs = list(zip(results["old"], results["current"]))
