@@ -36,7 +36,7 @@ from AFLocSlicerLib.Process import JobProgress
 from AFLocSlicerLib.Scene import ROLE, exportVolume, segmentMask, tempFolder, writeMask
 from AFLocSlicerLib.SceneResults import AFLocResults
 from AFLocSlicerLib.Server import EngineServer
-from AFLocSlicerLib.Tasks import FinetuneTask, LocalizationTask, SuggestionTask
+from AFLocSlicerLib.Tasks import EngineTask, FinetuneTask, LocalizationTask, SuggestionTask
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +206,10 @@ class AFLocLogic:
         self.checkInputVolume(inputVolume)
         prompts = self.checkPrompts(prompts)
         args = self._localizeArguments(prompts, threshold, model, adapter)
-        workDir = tempFolder()
-        try:
+
+        def task(workDir: Path) -> LocalizationTask:
             image = exportVolume(inputVolume, workDir / "input.nrrd")
-            task = LocalizationTask(
+            return LocalizationTask(
                 self,
                 inputVolume,
                 adapter=str(adapter or ""),
@@ -221,7 +221,15 @@ class AFLocLogic:
                 onProgress=onProgress,
                 onLog=onLog,
             )
-            return task.start()
+
+        return self._start("AFLoc-", task)
+
+    def _start(self, prefix: str, makeTask: Callable[[Path], EngineTask]) -> EngineTask:
+        """Make a temporary folder, let ``makeTask`` export its inputs there, start the task; on any error
+        before it runs the folder goes again."""
+        workDir = tempFolder(prefix)
+        try:
+            return makeTask(workDir).start()
         except BaseException:
             shutil.rmtree(workDir, ignore_errors=True)
             raise
@@ -334,8 +342,8 @@ class AFLocLogic:
                 f"There are no training examples of '{finding}'. Correct a mask in the Segment Editor and press "
                 "'Add to training examples' first."
             )
-        workDir = tempFolder("AFLocFinetune-")
-        try:
+
+        def task(workDir: Path) -> FinetuneTask:
             images, masks, names = [], [], {}
             for i, example in enumerate(examples):
                 mask = segmentMask(example.segmentation, example.segmentId, example.volume)
@@ -353,20 +361,11 @@ class AFLocLogic:
             args += ["--model", model or "default"]
             if epochs:
                 args += ["--epochs", str(int(epochs))]
-            task = FinetuneTask(
-                self,
-                finding,
-                names,
-                arguments=args,
-                workDir=workDir,
-                device=device,
-                onProgress=onProgress,
-                onLog=onLog,
+            return FinetuneTask(
+                self, finding, names, arguments=args, workDir=workDir, device=device, onProgress=onProgress, onLog=onLog
             )
-            return task.start()
-        except BaseException:
-            shutil.rmtree(workDir, ignore_errors=True)
-            raise
+
+        return self._start("AFLocFinetune-", task)
 
     # --- few-shot: which image next -----------------------------------------------------------------
     def suggestionCandidates(self) -> list[Any]:
@@ -403,10 +402,10 @@ class AFLocLogic:
         for volume in candidates:
             self.checkInputVolume(volume)
         args = self._localizeArguments(prompts, threshold, model, adapter)
-        workDir = tempFolder("AFLocSuggest-")
-        try:
+
+        def task(workDir: Path) -> SuggestionTask:
             files = [str(exportVolume(v, workDir / f"candidate_{i:04d}.nrrd")) for i, v in enumerate(candidates)]
-            task = SuggestionTask(
+            return SuggestionTask(
                 self,
                 candidates,
                 threshold,
@@ -416,10 +415,8 @@ class AFLocLogic:
                 onProgress=onProgress,
                 onLog=onLog,
             )
-            return task.start()
-        except BaseException:
-            shutil.rmtree(workDir, ignore_errors=True)
-            raise
+
+        return self._start("AFLocSuggest-", task)
 
 
 def aflocHome() -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import qt
@@ -235,12 +236,10 @@ class AFLocWidgetController:
         """Check the input, then start localisation in the background."""
         self.updateParametersFromGUI()
         params = self.logic.parameters
-        try:
-            self.logic.checkInputVolume(params.inputVolume)
-            if not self.ensureDependencies():
-                return
-            task = self.logic.startLocalization(
-                params.inputVolume,
+        volume = params.inputVolume
+        self.runJob(
+            lambda: self.logic.startLocalization(
+                volume,
                 self.prompts(),
                 threshold=params.threshold,
                 model=params.model,
@@ -250,11 +249,29 @@ class AFLocWidgetController:
                 opacity=params.opacity,
                 onProgress=self.onProgress,
                 onLog=self.appendLog,
-            )
+            ),
+            lambda task: f"Localizing {len(self.prompts())} prompt(s) on '{volume.GetName()}'...",
+            check=lambda: self.logic.checkInputVolume(volume),
+        )
+
+    def runJob(
+        self,
+        start: Callable[[], EngineTask],
+        status: Callable[[EngineTask], str],
+        check: Callable[[], None] | None = None,
+    ) -> None:
+        """``check`` the inputs, install the engine's packages on first use, ``start`` the job and poll it;
+        a problem the user can fix is a message box and nothing runs."""
+        try:
+            if check is not None:
+                check()
+            if not self.ensureDependencies():
+                return
+            task = start()
         except AFLocSlicerError as err:
             slicer.util.errorDisplay(f"AFLoc: {err}")
             return
-        self.startPolling(task, f"Localizing {len(self.prompts())} prompt(s) on '{params.inputVolume.GetName()}'...")
+        self.startPolling(task, status(task))
 
     def startPolling(self, task: EngineTask, status: str) -> None:
         self.task = task
@@ -460,21 +477,17 @@ class AFLocWidgetController:
         if not finding:
             examples = self.logic.trainingExamples()
             finding = examples[-1].finding if examples else ""
-        try:
-            if not self.ensureDependencies():
-                return
-            task = self.logic.startFinetune(
+        self.runJob(
+            lambda: self.logic.startFinetune(
                 finding,
                 model=params.model,
                 device=params.device,
-                epochs=params.epochs or None,
+                epochs=params.epochs or None,  # 0: the engine's "auto"
                 onProgress=self.onProgress,
                 onLog=self.appendLog,
-            )
-        except AFLocSlicerError as err:
-            slicer.util.errorDisplay(f"AFLoc: {err}")
-            return
-        self.startPolling(task, f"Fine-tuning '{finding}' on {len(self.logic.trainingExamples(finding))} example(s)...")
+            ),
+            lambda task: f"Fine-tuning '{finding}' on {len(self.logic.trainingExamples(finding))} example(s)...",
+        )
 
     def onFinetuneDone(self, adapter: Any, warnings: list[str] | None = None) -> None:
         self.refreshAdapters(select=str(adapter))
@@ -487,10 +500,8 @@ class AFLocWidgetController:
 
     def onSuggest(self) -> None:
         params = self.logic.parameters
-        try:
-            if not self.ensureDependencies():
-                return
-            task = self.logic.startSuggestion(
+        self.runJob(
+            lambda: self.logic.startSuggestion(
                 self.prompts(),
                 model=params.model,
                 adapter=params.adapter,
@@ -498,11 +509,9 @@ class AFLocWidgetController:
                 threshold=params.threshold,
                 onProgress=self.onProgress,
                 onLog=self.appendLog,
-            )
-        except AFLocSlicerError as err:
-            slicer.util.errorDisplay(f"AFLoc: {err}")
-            return
-        self.startPolling(task, f"Ranking {len(task.candidates)} image(s) by model uncertainty...")
+            ),
+            lambda task: f"Ranking {len(task.candidates)} image(s) by model uncertainty...",
+        )
 
     def onSuggestionsDone(self, suggestions: list) -> None:
         self.ui.suggestionsListWidget.clear()
