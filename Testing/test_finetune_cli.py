@@ -65,14 +65,19 @@ def test_cli_reports_json_steps_and_writes_the_adapter(model_dir, files, tmp_pat
     assert proc.returncode == 0, proc.stderr
     events = _events(proc.stdout)  # stdout holds JSON lines only
     steps = [e for e in events if e["event"] == "progress"]
-    assert [e["step"] for e in steps] == sorted({e["step"] for e in steps})
+    # the step never goes back; inside a leave-one-out fit it stays while fold_step moves (a GUI bar keeps moving)
+    assert [e["step"] for e in steps] == sorted(e["step"] for e in steps)
+    inside = [e for e in steps if "fold_step" in e]
+    assert inside and all(0 < e["fold_step"] <= e["fold_total"] for e in inside)
+    assert {e["fold"] for e in inside} == {1, 2, 3}
     assert all(e["total"] == steps[0]["total"] and "eta_s" in e for e in steps)
     train = [e for e in steps if e["message"] == "train"]
     assert len(train) == 3 and all(np.isfinite(e["loss"]) for e in train)
     done = events[-1]
     assert done["event"] == "done" and done["finding"] == "blob"
     # three images: three leave-one-out fits (one progress step each) choose the correction's weight
-    assert len([e for e in steps if e["message"] == "validate"]) == 3 and steps[-1]["step"] == steps[-1]["total"]
+    validate_steps = {e["step"] for e in steps if e["message"] == "validate" and "fold_step" not in e}
+    assert len(validate_steps) == 3 and steps[-1]["step"] == steps[-1]["total"]
     assert len(done["validation"]["left_out"]) == 3 and done["blend"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     # warnings reach the GUI in the done line: weight 0 (the zero-shot map kept) is said, and only then
     assert all(isinstance(w, str) for w in done["warnings"])
