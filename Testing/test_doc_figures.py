@@ -215,3 +215,20 @@ def test_architecture_page_describes_the_shipped_model():
     assert f"{grid} × {grid}" in page and f"σ = {sigma:g}" in page and f"{size} px" in page
     for stale in ("299 px", "19 × 19", "σ = 1.5 cells"):
         assert stale not in page, f"architecture.md still says {stale}"
+
+
+def test_every_result_file_the_docs_name_exists():
+    """Each ``benchmarks/results/*.json`` or ``docs/results/*.json`` a page names (or links relative to
+    docs/) is in the repository, so a reader can check the figure beside it."""
+    import re
+
+    pages = ["README.md", "training/README.md", CARD, *(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
+    named = set()
+    for page in pages:
+        text = (REPO / page).read_text()
+        named |= set(re.findall(r"(?:benchmarks|docs)/results/[\w./-]+\.json", text))
+        if page.startswith("docs/"):
+            named |= {f"docs/{m}" for m in re.findall(r"\]\((results/[\w./-]+\.json)\)", text)}
+    assert named
+    missing = sorted(n for n in named if not (REPO / n).is_file())
+    assert not missing, f"pages name result files that are not in the repository: {missing}"
