@@ -288,3 +288,18 @@ def test_an_itk_write_failure_is_one_line_naming_the_output(model_dir, image, tm
     assert len(err) == 1 and err[0].startswith(f"afloc localize: error: {out}: could not write an output file")
     assert "failed to write to file" in err[0]
     assert not out.exists()
+
+
+def test_evaluate_while_another_writes_its_out_exits_2(model_dir, tmp_path, capsys):
+    from test_evaluation import write_covid
+
+    data = write_covid(tmp_path / "covid")
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--data", str(data), "--split", "dev", "--model", str(model_dir), "--out", str(out)]
+    argv += ["--bootstrap", "10", "--baselines", "none", "--device", "cpu", "--progress", "none"]
+    with folder_lock(tmp_path, "afloc evaluate", lock_name=".afloc-eval.lock"):  # another evaluation running
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"afloc evaluate: error: {out}: in use by another afloc process (PID {os.getpid()}")
+    assert not out.exists()
+    assert main(argv) == 0 and (out / "evaluation.json").is_file()

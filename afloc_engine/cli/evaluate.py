@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from afloc_engine.cli.common import add_progress_argument
 
     add_progress_argument(parser)
+    from afloc_engine.locks import add_wait_argument
+
+    add_wait_argument(parser)
 
 
 def _thresholds(text: str) -> list[float]:
@@ -90,6 +93,18 @@ def _thresholds(text: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One writer per ``--out`` (the lock file sits beside it: the folder itself is replaced atomically)."""
+    if args.out is None:
+        return _run(args)
+    from afloc_engine.locks import folder_lock
+
+    out = Path(args.out).absolute()
+    lock = f".afloc-{out.name}.lock"
+    with folder_lock(out.parent, "afloc evaluate", wait=args.wait, lock_name=lock, guarded=out):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import afloc_engine
     from afloc_engine.evaluation import (
         ModelPredictor,
