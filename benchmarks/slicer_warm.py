@@ -52,7 +52,7 @@ def timed_localize(logic: Any, volume: Any) -> dict[str, Any]:  # noqa: ANN401
     }
 
 
-def run(threads: int) -> dict[str, Any]:
+def run(threads: int, repeat: int) -> dict[str, Any]:
     import slicer_fakes as sf
     from AFLocSlicerLib.Logic import AFLocLogic
     from pydicom.data import get_testdata_file
@@ -73,9 +73,18 @@ def run(threads: int) -> dict[str, Any]:
             )
             try:
                 runs = [timed_localize(logic, v) for v in volumes]
+                # more clicks on the warm engine, alternating the two images (the machine is shared: one
+                # number can be a slow moment)
+                more = (
+                    [timed_localize(logic, volumes[(k + 1) % 2]) for k in range(repeat - 1)] if mode == "warm" else []
+                )
             finally:
                 logic.shutdown()
         out[mode] = {"first": runs[0], "second": runs[1]}
+        if more:
+            later = [runs[1]["seconds"], *(r["seconds"] for r in more)]
+            out[mode]["later_clicks_seconds"] = later
+            out[mode]["later_clicks_median_seconds"] = round(float(sorted(later)[len(later) // 2]), 3)
     return out
 
 
@@ -83,14 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the engine (OMP_NUM_THREADS)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--repeat", type=int, default=5, help="warm clicks after the first (alternating images)")
     args = parser.parse_args(argv)
     host = platform.node() or "host"
     out = args.out or REPO / "benchmarks" / "results" / f"slicer_warm-{host}.json"
     from machine import load_average, machine_info
 
     start_info = machine_info("cpu")
-    measured = run(args.threads)
-    second = measured["warm"]["second"]["seconds"]
+    measured = run(args.threads, max(1, args.repeat))
+    second = measured["warm"].get("later_clicks_median_seconds", measured["warm"]["second"]["seconds"])
     report = {
         "benchmark": "slicer_warm",
         "what": "seconds from Localize to results shown in the scene (AFLocLogic on slicer-core), two prompts",
@@ -100,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         "device": "cpu",
         "threads": args.threads,
         **measured,
-        "warm_second_within_target": second <= TARGET_S,
+        "warm_later_median_within_target": second <= TARGET_S,
         "target_seconds": TARGET_S,
-        "speedup_second": round(measured["cold"]["second"]["seconds"] / second, 1),
+        "speedup_second": round(measured["cold"]["second"]["seconds"] / measured["warm"]["second"]["seconds"], 1),
         "machine": {**start_info, "load_average_end": load_average(), "host": host},
         "command": "python benchmarks/slicer_warm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
