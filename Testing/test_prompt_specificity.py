@@ -341,3 +341,16 @@ def test_localize_reports_specificity_per_prompt(tiny_model, tiny_afloc, tmp_pat
     one = json.loads(next((tmp_path / "one").glob("*/results.json")).read_text())["prompts"][0]
     assert one["specificity"] is None and "specificity_warning" in one
     assert "specificity n/a (one prompt)" in capsys.readouterr().err
+
+
+def test_large_maps_and_volumes():
+    """A 2,048 x 1,024 map (over MAX_PIXELS) is strided: r agrees with all pixels; a volume gets specificity only."""
+    y, x = np.mgrid[0:2048, 0:1024] / 1024.0
+    a = np.sin(3 * x) + np.cos(2 * y)
+    b = np.sin(3 * x + 0.5) + 0.3 * np.cos(5 * y)
+    full = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+    assert correlation_matrix(np.stack([a, b]))[0, 1] == pytest.approx(full, abs=0.01)
+    volume = np.stack([np.stack([a[:64, :64]] * 4), np.stack([b[:64, :64]] * 4)])  # (P, Z, Y, X)
+    out = assess(volume, ["one", "two"])
+    assert out[0].specificity == pytest.approx(1 - np.corrcoef(a[:64, :64].ravel(), b[:64, :64].ravel())[0, 1])
+    assert out[0].lung_correlation is None

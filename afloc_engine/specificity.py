@@ -81,9 +81,17 @@ def lung_field_map(
     return (2 * (total - low) / (high - low) - 1).astype(np.float32)
 
 
+MAX_PIXELS = 1 << 20
+"""Correlations use at most this many pixels per map: larger maps (big radiographs, CT volumes) are
+sampled with a fixed stride (heatmaps are smooth; the tests check r against all pixels), which keeps
+the memory to a few MB per prompt."""
+
+
 def _flat(maps: np.ndarray) -> np.ndarray:
-    """(P, ...) maps -> (P, N) float64 over the pixels finite in every map."""
-    flat = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1)
+    """(P, ...) maps -> (P, N) float64 over the pixels finite in every map (strided to <= MAX_PIXELS)."""
+    flat = np.asarray(maps).reshape(len(maps), -1)
+    step = -(-flat.shape[1] // MAX_PIXELS)
+    flat = flat[:, ::step].astype(np.float64)
     keep = np.isfinite(flat).all(axis=0)
     return flat[:, keep]
 
