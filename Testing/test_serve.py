@@ -90,3 +90,22 @@ def test_bad_arguments_end_the_request_not_the_server(monkeypatch, capsys, tmp_p
     error = next(e for e in events if e[protocol.EVENT] == protocol.ERROR)
     assert error["id"] == "a" and "required" in error[protocol.ERROR_MESSAGE]
     assert [e[protocol.EXIT_CODE] for e in events if e[protocol.EVENT] == protocol.FINISHED] == [2, 0]
+
+
+def test_localize_requests_leave_a_core_to_the_gui(monkeypatch, capsys, tmp_path, radiograph, model_dir):
+    """One image's small network gains little from threads, and a busy machine loses much (spin-waits):
+    the warm engine localizes with half the cores (at least 1); fine-tuning keeps them all."""
+    import os
+
+    import torch
+
+    from afloc_engine.cli.serve import localize_threads
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert localize_threads(None) == max(1, cores // 2) and localize_threads(3) == 3
+    before = torch.get_num_threads()
+    try:
+        serve(monkeypatch, capsys, [localize(1, radiograph, tmp_path / "o", model_dir)])
+        assert torch.get_num_threads() == localize_threads(None)
+    finally:
+        torch.set_num_threads(before)
