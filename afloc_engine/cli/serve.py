@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="CPU threads for localize requests (default: half the cores, at least 1: the GUI beside it keeps "
-        "a core, and one image's small network gains little from more; on a busy 2-core machine 2 threads were "
-        "up to 30 times slower than 1). Fine-tuning requests use all (or their own --threads).",
+        "a core, and one image's small network gains little from more; on a busy 2-core machine 2 threads spin-waiting "
+        "for each other were several times slower than 1). Fine-tuning requests use all (or their own --threads).",
     )
 
 
