@@ -11,5 +11,5 @@ inputs=("$($PY -c 'from pydicom.data import get_testdata_file as g; print(g("RG1
 dev_image="${AFLOC_SHARED_DATA:-../shared/data}/covid-cxr/images/037ba76e1c4f.jpg"
 [ -f "$dev_image" ] && inputs+=("$dev_image")
 .venv/bin/afloc info
-.venv/bin/afloc localize "${inputs[@]}" --preset cxr --out out/demo "$@"
+.venv/bin/afloc localize "${inputs[@]}" --preset cxr --out out/demo --overwrite "$@"  # a re-run replaces its own demo output
 echo "overlays: $(ls out/demo/*/overlay.png | tr '\n' ' ')"
