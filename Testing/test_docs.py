@@ -288,3 +288,27 @@ def test_the_readme_names_every_command_and_models_action():
     for action in models.choices:
         assert re.search(rf"\b{action}\b", synopsis.split("afloc models", 1)[1].splitlines()[0]), action
     assert "$AFLOC_HOME/models" in readme and "$AFLOC_HOME/adapters" in readme
+
+
+def test_the_outputs_section_names_every_file_localize_writes(tiny_afloc, sample_dicom, tmp_path):
+    """Each file ``write_results`` lists in ``results.json`` (a DICOM input with a DICOM SEG) has a row in
+    the README's Outputs table."""
+    import json
+
+    import numpy as np
+
+    from afloc_engine.io import read_image
+    from afloc_engine.outputs import write_results
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Outputs", 1)[1].split("\n## ", 1)[0]
+    image = read_image(sample_dicom)
+    result = tiny_afloc.localize(image, ["Findings suggesting pneumothorax"])
+    folder = write_results(result, tmp_path / "out", dicom_seg_source=sample_dicom)
+    files = json.loads((folder / "results.json").read_text())["files"]
+    names = [n for v in files.values() for n in (v if isinstance(v, list) else [v])]
+    assert names and all((folder / n).is_file() for n in names)
+    for name in names:
+        row = "heatmap_<finding>.nrrd" if name.startswith("heatmap_") else name
+        assert f"| `{row}` |" in section, f"README Outputs has no row for {name}"
+    assert np.isfinite(result.heatmaps).all()
