@@ -72,7 +72,7 @@ ENGINE_DEPENDENCIES: tuple[str, ...] = (
     "pylibjpeg-libjpeg>=2.1",
     "pylibjpeg-openjpeg>=2.3",
     "pylibjpeg-rle>=2.0",
-    "filelock>=3.12",
+    "anyascii>=0.3",
 )
 """``pyproject.toml``'s ``[project].dependencies``, verbatim (a test keeps them equal); used only while no
 engine is installed to ask its metadata."""
