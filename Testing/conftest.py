@@ -61,6 +61,15 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Every test starts with the suite's torch thread count: an in-process ``afloc serve`` sets its own
+    (half the cores), and a leaked count made later tests compare runs made with different threads."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
