@@ -89,6 +89,15 @@ EXPECTED = {
 }
 
 
+def test_text_file_named_dcm_is_not_dicom_without_pydicoms_advice(tmp_path):
+    path = tmp_path / "notes.dcm"
+    path.write_text("Findings: small left pleural effusion.\n" * 20)
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert "not a DICOM file" in str(err.value) and str(path) in str(err.value)
+    assert "force" not in str(err.value)  # pydicom's "Use force=True" is nothing a CLI user can do
+
+
 @pytest.mark.parametrize("kind", sorted(EXPECTED))
 def test_bad_files_raise_one_clear_error_naming_the_file(tmp_path, sample_dicom, kind):
     path = _write_bad_files(tmp_path, sample_dicom)[kind]

@@ -38,6 +38,11 @@ def test_prompt_without_words_is_refused():
         validate_prompts(["\n\t \x00"])
 
 
+def test_refused_prompt_is_named_among_several():
+    with pytest.raises(PromptError, match="'≥ !!'"):
+        validate_prompts(["pleural effusion", "≥ !!"])
+
+
 def test_finding_names_match_regardless_of_case_underscores_and_spaces():
     assert finding_key("ground_glass_opacity") == "ground glass opacity"
     assert same_finding("ground_glass_opacity", "Findings suggesting  Ground glass\nopacity.")

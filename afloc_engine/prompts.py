@@ -106,12 +106,13 @@ def validate_prompts(prompts: list[str] | tuple[str, ...] | str) -> list[str]:
     """Clean prompts (:func:`clean_prompt`); raise :class:`PromptError` for none, empty or over-long ones."""
     if isinstance(prompts, str):
         prompts = [prompts]
+    original = list(prompts)
     prompts = [clean_prompt(p) for p in prompts]
     if not prompts:
         raise PromptError("no prompt given")
-    for p in prompts:
+    for given, p in zip(original, prompts):
         if not p or not any(ch.isalnum() for ch in p):
-            raise PromptError("empty prompt (it has no words)")
+            raise PromptError(f"empty prompt {given!r} (it has no words)")
         if len(p) > MAX_PROMPT_CHARS:
             raise PromptError(f"prompt is {len(p)} characters long; at most {MAX_PROMPT_CHARS} are allowed")
     return prompts

@@ -9,7 +9,16 @@ VENV="${AFLOC_VENV:-.venv}"
 stamp="$VENV/.afloc-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip_q() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored" || true; }
+# quiet pip whose failure still stops the set-up (grep's "no line left" is not a failure)
+pip_q() {
+    local log status
+    log="$(mktemp)"
+    status=0
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1 || status=$?
+    grep -v "is ignored" "$log" >&2 || true
+    rm -f "$log"
+    return "$status"
+}
 echo "afloc setup: installing into $VENV (first run takes a few minutes)" >&2
 pip_q "torch==2.13.0"
 pip_q -e ".[efficientnet,dicomseg,train,samples,test]"

@@ -32,6 +32,9 @@ from afloc_engine.io.image import (
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422")
 
 
+NOT_DICOM = "not a DICOM file (no DICOM header, and no pixel data found without one)"
+
+
 def looks_like_dicom(path: Path) -> bool:
     """True when the file has the DICOM preamble ('DICM' at byte 128)."""
     with path.open("rb") as fh:
@@ -51,21 +54,22 @@ def read_dicom_file(path: Path) -> ImageData:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    # pydicom's own message ends in "Use force=True to force reading", which a CLI user cannot act on
     errors = (InvalidDicomError, AttributeError, KeyError, ValueError, TypeError, OSError, EOFError)
     forced = False
     try:
         with quiet_libraries():
             ds = pydicom.dcmread(str(path))
-    except InvalidDicomError as err:
+    except InvalidDicomError:
         # no preamble/meta header (old ACR-NEMA style files): GDCM and pydicom's force mode still read some
         try:
             with quiet_libraries():
                 ds = pydicom.dcmread(str(path), force=True)
             forced = True
         except errors:
-            raise ImageReadError(f"cannot read DICOM (truncated or not DICOM?): {first_line(err)}", path) from None
+            raise ImageReadError(NOT_DICOM, path) from None
         if "PixelData" not in ds:
-            raise ImageReadError(f"cannot read DICOM (truncated or not DICOM?): {first_line(err)}", path) from None
+            raise ImageReadError(NOT_DICOM, path) from None
     except errors as err:
         raise ImageReadError(f"cannot read DICOM (truncated or not DICOM?): {first_line(err)}", path) from None
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
