@@ -107,7 +107,10 @@ class AFLoc:
         c = self.config
         if c.letterbox_resize == "area-uint8":  # with intensity_scaling "uint8" (AFLocConfig checks)
             return prepare_image_reference(image.array, c.image_size, c.intensity_mean, c.intensity_std, c.in_channels)
-        return prepare_image(image.array, c.image_size, image.window, c.intensity_mean, c.intensity_std, c.in_channels)
+        rgb = image.rgb if image.rgb is not None and image.rgb.ndim == 3 else None
+        return prepare_image(
+            image.array, c.image_size, image.window, c.intensity_mean, c.intensity_std, c.in_channels, rgb=rgb
+        )
 
     @torch.inference_mode()
     def encode_images(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

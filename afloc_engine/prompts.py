@@ -32,7 +32,35 @@ CXR_FINDINGS: tuple[str, ...] = (
     "ground glass opacity",
 )
 
-PRESETS: dict[str, tuple[str, ...]] = {"cxr": CXR_FINDINGS}
+FUNDUS_FINDINGS: tuple[str, ...] = (
+    "microaneurysms",
+    "haemorrhages",
+    "hard exudates",
+    "cotton wool spots",
+    "drusen",
+    "neovascularisation",
+    "optic disc cupping",
+)
+"""Retinal lesions graded on colour fundus photographs (diabetic retinopathy, AMD, glaucoma)."""
+
+HISTOPATHOLOGY_FINDINGS: tuple[str, ...] = (
+    "tumour cells",
+    "necrosis",
+    "lymphocytic infiltrate",
+    "mitotic figures",
+    "stroma",
+    "mucin",
+    "adipose tissue",
+)
+"""Tissue classes and lesions on H&E tiles."""
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "cxr": CXR_FINDINGS,
+    "fundus": FUNDUS_FINDINGS,
+    "histopathology": HISTOPATHOLOGY_FINDINGS,
+}
+"""Prompt presets by modality. The embedded default model knows chest radiographs only: the fundus and
+histopathology presets are for 3-channel models trained on those images (``in_channels: 3``)."""
 
 
 def preset_prompts(name: str) -> list[str]:

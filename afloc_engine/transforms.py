@@ -16,6 +16,22 @@ import torch
 import torch.nn.functional as F
 
 
+def normalize_colour(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) colour -> (H, W, 3) float32 in [0, 1], the channels' balance kept.
+
+    8-bit pixels are divided by 255 (no window: a colour photograph is already display-ready); other
+    types are scaled by one min-max over all three channels, so hues are not shifted.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"expected (H, W, 3) colour pixels, got shape {rgb.shape}")
+    if rgb.dtype == np.uint8:
+        return rgb.astype(np.float32) / 255.0
+    rgb = rgb.astype(np.float32)
+    low, high = float(rgb.min()), float(rgb.max())
+    return np.zeros_like(rgb) if not high > low else (rgb - low) / (high - low)
+
+
 def normalize_intensity(
     array: np.ndarray, window: tuple[float, float] | None = None, percentiles: tuple[float, float] = (0.5, 99.5)
 ) -> np.ndarray:
@@ -210,8 +226,18 @@ def prepare_image(
     mean: float = 0.5,
     std: float = 0.5,
     channels: int = 1,
+    rgb: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, Letterbox]:
-    """(H, W) pixels -> ((C, S, S) network input, letterbox). Intensities to [0, 1], then (x - mean) / std."""
+    """(H, W) pixels -> ((C, S, S) network input, letterbox). Intensities to [0, 1], then (x - mean) / std.
+
+    A 3-channel model given the colour channels ``rgb`` ((H, W, 3), e.g. ``ImageData.rgb`` of a fundus
+    photograph or a histopathology tile) sees the colours (:func:`normalize_colour`); without them, or for
+    a 1-channel model, the grey ``array`` is used (repeated over 3 channels for a 3-channel model).
+    """
+    if channels == 3 and rgb is not None:
+        colour = torch.from_numpy(normalize_colour(rgb)).permute(2, 0, 1)
+        box = Letterbox.fit(colour.shape[-2], colour.shape[-1], size)
+        return (box.apply(colour) - mean) / std, box
     grey = torch.from_numpy(normalize_intensity(array, window))
     box = Letterbox.fit(grey.shape[0], grey.shape[1], size)
     canvas = box.apply(grey.unsqueeze(0))

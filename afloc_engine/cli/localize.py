@@ -20,7 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "inputs", nargs="+", type=Path, help="images: DICOM file or series folder, PNG/JPEG, NRRD, NIfTI"
     )
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); free text is fine")
-    parser.add_argument("--preset", help="add a preset prompt list (cxr: 13 findings + ground-glass opacity)")
+    parser.add_argument(
+        "--preset",
+        help="add a preset prompt list: cxr (13 findings + ground-glass opacity), fundus or histopathology "
+        "(for 3-channel models trained on those images; the default model knows chest radiographs only)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per input)")
     parser.add_argument("--threshold", type=float, default=None, help="mask threshold on the [-1, 1] heatmap")
     parser.add_argument("--similarity", choices=("cosine", "dot"), default=None)
