@@ -277,14 +277,20 @@ def _sitk_pixels(ds: Any, path: Path) -> tuple[np.ndarray, np.ndarray | None, tu
     if img.GetNumberOfComponentsPerPixel() > 1:
         return rgb_to_grey(array), _compact_rgb(array), None
     grey = array.astype(np.float32, copy=False)
+    return grey, None, _itk_window(ds)
+
+
+def _itk_window(ds: Any) -> tuple[float, float] | None:  # noqa: ANN401 (a pydicom Dataset)
+    """The file's VOI window for pixels as ITK/GDCM returns them: for MONOCHROME1, ITK stored
+    (2^bits - 1) - s and then rescaled, v' = slope (M - s) + b = C - v with C = slope M + 2 b, so the
+    window is mirrored about C / 2."""
     window = dicom_window(ds)
-    if window is not None and _photometric(ds) == "MONOCHROME1":
-        # ITK stored (2^bits - 1) - s, then rescaled: v' = slope (M - s) + b = C - v with C = slope M + 2 b
-        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-        total = slope * float(2 ** int(getattr(ds, "BitsStored", 16)) - 1) + 2 * intercept
-        window = (total - window[1], total - window[0])
-    return grey, None, window
+    if window is None or _photometric(ds) != "MONOCHROME1":
+        return window
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    total = slope * float(2 ** int(getattr(ds, "BitsStored", 16)) - 1) + 2 * intercept
+    return (total - window[1], total - window[0])
 
 
 # ---- geometry -----------------------------------------------------------------------------------------
@@ -419,12 +425,7 @@ def read_dicom_series(folder: Path) -> ImageData:
         rgb = _compact_rgb(array)
         array = rgb_to_grey(array)
     first = headers[0]
-    window = dicom_window(first)
-    if window is not None and _photometric(first) == "MONOCHROME1":
-        slope = float(getattr(first, "RescaleSlope", 1.0) or 1.0)
-        intercept = float(getattr(first, "RescaleIntercept", 0.0) or 0.0)
-        total = slope * float(2 ** int(getattr(first, "BitsStored", 16)) - 1) + 2 * intercept
-        window = (total - window[1], total - window[0])
+    window = _itk_window(first)
     origin, spacing, direction = positive_frame(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
     return ImageData(
         np.asarray(array, dtype=np.float32),

@@ -75,21 +75,6 @@ def install(
     timeout: float = DOWNLOAD_TIMEOUT_S,
     wait: bool = False,
 ) -> dict[str, Any]:
-    """:func:`_install` holding the model cache's lock: a second writer gets
-    :class:`~afloc_engine.locks.FolderLockedError` naming the holder's PID, or waits when ``wait``."""
-    with _cache_lock("afloc models install", wait):
-        return _install(url_or_path, sha256, name, force=force, progress=progress, timeout=timeout)
-
-
-def _install(
-    url_or_path: str | Path,
-    sha256: str | None = None,
-    name: str | None = None,
-    *,
-    force: bool = False,
-    progress: str = "none",
-    timeout: float = DOWNLOAD_TIMEOUT_S,
-) -> dict[str, Any]:
     """Install a model into the user cache; returns its record (``cached: True`` if nothing was fetched).
 
     ``url_or_path``: a ``.zip`` / ``.tar.gz`` model archive (local file, or an ``https://`` URL;
@@ -99,100 +84,106 @@ def _install(
     same SHA-256 is not fetched again. ``name``: defaults to the model's own name (its
     ``config.json``) or the file name. ``force`` replaces an installed model of the same name
     with different contents. ``progress``: ``bar`` | ``json`` | ``none`` for downloads.
+
+    Holds the model cache's lock: a second writer gets :class:`~afloc_engine.locks.FolderLockedError`
+    naming the holder's PID, or waits when ``wait``.
     """
-    source = str(url_or_path)
-    expected = _check_sha_arg(sha256)
-    entry = None if is_url(source) or Path(source).expanduser().exists() else manifest_entry(source)
-    if entry is not None:
-        if "url" not in entry:
-            raise CheckpointError(f"model {source!r} is shipped with the package; nothing to install")
-        if expected and entry["sha256"] and expected != entry["sha256"]:
-            raise CheckpointError(f"--sha256 {expected} differs from the manifest's {entry['sha256']} for {source!r}")
-        expected = expected or entry["sha256"] or None
-        name = name or entry["name"]
-        source = entry["url"]
-    if name is not None:
-        _check_name(name)
-
-    cached = _find_cached(expected, name)
-    if cached is not None:
-        return {**cached, "cached": True}
-
-    root = models_dir()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".install-", suffix=".tmp", dir=root))
-    except OSError as err:
-        raise CheckpointError(f"cannot write to the model cache ({err.strerror}); set AFLOC_HOME", root) from None
-    try:
-        if is_url(source):
-            archive = staging / "download.part"
-            digest, size = download_file(source, archive, progress=progress, timeout=timeout)
-            if expected and digest != expected:
-                raise CheckpointError(f"SHA-256 mismatch: expected {expected}, the download has {digest}", source)
-            folder = staging / "model"
-            extract_archive(archive, folder, source)
-            archive.unlink()
-            default_name = name_from_archive(urllib.parse.urlparse(source).path)
-        else:
-            local = Path(source).expanduser()
-            if not local.exists():
-                raise CheckpointError("no such file or folder (and no manifest entry of that name)", local)
-            folder = staging / "model"
-            if local.is_dir():
-                copy_model_folder(local, folder)
-                digest, size = sha256_file(folder / WEIGHTS_FILE), (folder / WEIGHTS_FILE).stat().st_size
-                what = f"the weights ({WEIGHTS_FILE}) have"
-            else:
-                digest, size = sha256_file(local), local.stat().st_size
-                what = "the file has"
-            if expected and digest != expected:
-                raise CheckpointError(f"SHA-256 mismatch: expected {expected}, {what} {digest}", local)
-            if not local.is_dir():
-                extract_archive(local, folder, local)
-            default_name = name_from_archive(local.name)
-        config_info = validate_model_folder(folder, source)
-        final_name = name or _pick_name(config_info.name, default_name, source)
-        _check_name(final_name)
-        final = root / final_name
-        overwrite = force
-        if final.exists():
-            existing = _existing_record(final)
-            if existing is not None and existing.get("sha256") == digest and not force:
-                try:
-                    return {**verify_installed(final_name), "path": str(final), "cached": True}
-                except CheckpointError:
-                    overwrite = True  # same model, damaged on disk: replace it
-            if not overwrite:
+    with _cache_lock("afloc models install", wait):
+        source = str(url_or_path)
+        expected = _check_sha_arg(sha256)
+        entry = None if is_url(source) or Path(source).expanduser().exists() else manifest_entry(source)
+        if entry is not None:
+            if "url" not in entry:
+                raise CheckpointError(f"model {source!r} is shipped with the package; nothing to install")
+            if expected and entry["sha256"] and expected != entry["sha256"]:
                 raise CheckpointError(
-                    f"a different model named {final_name!r} is already installed "
-                    f"(remove it with `afloc models remove {final_name}`, pick another --name, or use --force)",
-                    final,
+                    f"--sha256 {expected} differs from the manifest's {entry['sha256']} for {source!r}"
                 )
-        files = {f: sha256_file(folder / f) for f in MODEL_FILES if (folder / f).is_file()}
-        record = {
-            "format": RECORD_FORMAT,
-            "format_version": 1,
-            "name": final_name,
-            "version": config_info.version,
-            "description": config_info.description,
-            "trained": bool(config_info.trained),
-            "source": source,
-            "sha256": digest,
-            "source_size": size,
-            "size": sum((folder / f).stat().st_size for f in files),
-            "files": files,
-            "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        (folder / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _commit(folder, final, overwrite=overwrite)
-        return {**record, "path": str(final), "cached": False}
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise CheckpointError("not enough disk space to install the model", root) from None
-        raise CheckpointError(f"cannot install the model: {err}", source) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            expected = expected or entry["sha256"] or None
+            name = name or entry["name"]
+            source = entry["url"]
+        if name is not None:
+            _check_name(name)
+
+        cached = _find_cached(expected, name)
+        if cached is not None:
+            return {**cached, "cached": True}
+
+        root = models_dir()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".install-", suffix=".tmp", dir=root))
+        except OSError as err:
+            raise CheckpointError(f"cannot write to the model cache ({err.strerror}); set AFLOC_HOME", root) from None
+        try:
+            if is_url(source):
+                archive = staging / "download.part"
+                digest, size = download_file(source, archive, progress=progress, timeout=timeout)
+                if expected and digest != expected:
+                    raise CheckpointError(f"SHA-256 mismatch: expected {expected}, the download has {digest}", source)
+                folder = staging / "model"
+                extract_archive(archive, folder, source)
+                archive.unlink()
+                default_name = name_from_archive(urllib.parse.urlparse(source).path)
+            else:
+                local = Path(source).expanduser()
+                if not local.exists():
+                    raise CheckpointError("no such file or folder (and no manifest entry of that name)", local)
+                folder = staging / "model"
+                if local.is_dir():
+                    copy_model_folder(local, folder)
+                    digest, size = sha256_file(folder / WEIGHTS_FILE), (folder / WEIGHTS_FILE).stat().st_size
+                    what = f"the weights ({WEIGHTS_FILE}) have"
+                else:
+                    digest, size = sha256_file(local), local.stat().st_size
+                    what = "the file has"
+                if expected and digest != expected:
+                    raise CheckpointError(f"SHA-256 mismatch: expected {expected}, {what} {digest}", local)
+                if not local.is_dir():
+                    extract_archive(local, folder, local)
+                default_name = name_from_archive(local.name)
+            config_info = validate_model_folder(folder, source)
+            final_name = name or _pick_name(config_info.name, default_name, source)
+            _check_name(final_name)
+            final = root / final_name
+            overwrite = force
+            if final.exists():
+                existing = _existing_record(final)
+                if existing is not None and existing.get("sha256") == digest and not force:
+                    try:
+                        return {**verify_installed(final_name), "path": str(final), "cached": True}
+                    except CheckpointError:
+                        overwrite = True  # same model, damaged on disk: replace it
+                if not overwrite:
+                    raise CheckpointError(
+                        f"a different model named {final_name!r} is already installed "
+                        f"(remove it with `afloc models remove {final_name}`, pick another --name, or use --force)",
+                        final,
+                    )
+            files = {f: sha256_file(folder / f) for f in MODEL_FILES if (folder / f).is_file()}
+            record = {
+                "format": RECORD_FORMAT,
+                "format_version": 1,
+                "name": final_name,
+                "version": config_info.version,
+                "description": config_info.description,
+                "trained": bool(config_info.trained),
+                "source": source,
+                "sha256": digest,
+                "source_size": size,
+                "size": sum((folder / f).stat().st_size for f in files),
+                "files": files,
+                "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            (folder / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            _commit(folder, final, overwrite=overwrite)
+            return {**record, "path": str(final), "cached": False}
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise CheckpointError("not enough disk space to install the model", root) from None
+            raise CheckpointError(f"cannot install the model: {err}", source) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def remove(name: str, wait: bool = False) -> Path:
