@@ -22,7 +22,6 @@ from afloc_engine.checkpoint import atomic_folder, commit_folder
 from afloc_engine.io import ImageData
 from afloc_engine.prompts import clean_prompt, finding_of
 from afloc_engine.protocol import SEGMENT_COLORS, slug, unique_slugs  # noqa: F401 (slug: public here too)
-from afloc_engine.specificity import assess
 from afloc_engine.transforms import normalize_intensity
 
 
@@ -331,7 +330,7 @@ def write_results(
                     result.negative_prompts,
                     result.probabilities,
                     masks,
-                    assess(result.heatmaps, result.prompts),
+                    result.specificity(),
                 )
             ],
             "heatmap_value_step": HEATMAP_STEP,

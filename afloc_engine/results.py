@@ -42,7 +42,10 @@ class LocalizationResult:
         and a warning where it is not specific (:func:`afloc_engine.specificity.assess`)."""
         from afloc_engine.specificity import assess
 
-        return assess(self.heatmaps, self.prompts)
+        cached = self.__dict__.get("_specificity")  # computed once: results.json and the CLI both show it
+        if cached is None:
+            cached = self.__dict__["_specificity"] = assess(self.heatmaps, self.prompts)
+        return cached
 
 
 @dataclass
