@@ -139,13 +139,3 @@ def folder_lock(
             _unlock(fd)
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def maybe_lock(folder: str | Path | None, command: str, wait: bool = False) -> Iterator[Path | None]:
-    """:func:`folder_lock` when ``folder`` is given, else nothing (for optional outputs)."""
-    if folder is None:
-        yield None
-        return
-    with folder_lock(folder, command, wait) as held:
-        yield held
