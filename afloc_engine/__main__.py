@@ -1,5 +1,5 @@
 import sys
 
-from afloc_engine.cli import main
+from afloc_engine.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

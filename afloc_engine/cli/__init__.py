@@ -171,5 +171,27 @@ def main(argv: list[str] | None = None) -> int:
         return handle_error(err, args.command, getattr(args, "progress", None), args.verbose, args)
 
 
+STARTUP_GC_THRESHOLD = (10_000, 10, 10)
+"""Collector thresholds of the ``afloc`` process (Python's default is (700, 10, 10)). Importing torch,
+transformers and MONAI creates millions of objects, and the default threshold runs ~1 s of full
+collections over them on 2 cores (``benchmarks/localize_cli.py``); cycles are still collected."""
+
+
+def console_main() -> int:
+    """The ``afloc`` console script and ``python -m afloc_engine``: :func:`main` in a process of its own.
+
+    Collects less often while the heavy libraries load and freezes the heap before exit (``gc.freeze``:
+    the interpreter's final collections over every module object took another ~1.3 s); atexit handlers
+    and stream flushing run as usual. In-process callers (tests, the Slicer module) use :func:`main`.
+    """
+    import gc
+
+    gc.set_threshold(*STARTUP_GC_THRESHOLD)
+    try:
+        return main()
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(console_main())
