@@ -141,7 +141,7 @@ def test_nothing_evaluable_exits_2_and_writes_nothing(tmp_path, capsys):
     assert run("--data", str(data), "--split", "dev", "--out", str(out)) == 2
     err = capsys.readouterr().err
     assert "nothing could be evaluated" in err and "img_a [ground_glass_opacity]: mask is 16x16 px" in err
-    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    assert not out.exists() and not list(tmp_path.glob(".out.*.tmp"))  # no temporary copy (the lock file stays)
     assert run("--data", str(data), "--finding", "pneumothorax", "--out", str(out)) == 2
     assert "unknown finding" in capsys.readouterr().err
 

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 KILLS = int(os.environ.get("AFLOC_FAULT_KILLS", "20"))
 SEED = int(os.environ.get("AFLOC_FAULT_SEED", "18"))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-LOCKS = (".afloc.lock", ".models.lock")
+LOCKS = (".afloc.lock", ".models.afloc.lock")
 
 pytestmark = pytest.mark.slow
 

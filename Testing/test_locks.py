@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from afloc_engine.checkpoint import ModelInfo, atomic_folder, clean_leftovers, commit_folder, recover_folder, save_model
 from afloc_engine.cli import main
-from afloc_engine.locks import LOCK_FILE, FolderLockedError, folder_lock, holder
+from afloc_engine.locks import LOCK_FILE, FolderLockedError, folder_lock, holder, sibling_lock
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -297,9 +297,34 @@ def test_evaluate_while_another_writes_its_out_exits_2(model_dir, tmp_path, caps
     out = tmp_path / "eval"
     argv = ["evaluate", "--data", str(data), "--split", "dev", "--model", str(model_dir), "--out", str(out)]
     argv += ["--bootstrap", "10", "--baselines", "none", "--device", "cpu", "--progress", "none"]
-    with folder_lock(tmp_path, "afloc evaluate", lock_name=".afloc-eval.lock"):  # another evaluation running
+    with sibling_lock(out, "afloc evaluate"):  # another evaluation running
         assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"afloc evaluate: error: {out}: in use by another afloc process (PID {os.getpid()}")
     assert not out.exists()
     assert main(argv) == 0 and (out / "evaluation.json").is_file()
+
+
+def test_folders_locked_from_beside_use_one_lock_file_scheme(model_dir, image, tmp_path, monkeypatch, capsys):
+    """The model cache, the adapter store and evaluate --out (folders that hold only their own content or
+    are swapped whole) are all locked by ``.<name>.afloc.lock`` beside them: holding that lock stops each
+    writer with one line naming the folder, and nothing is written."""
+    from afloc_engine.registry import models_dir
+
+    monkeypatch.setenv("AFLOC_HOME", str(tmp_path / "home"))
+    cache = models_dir()
+    with sibling_lock(cache, "afloc other"):
+        assert main(["models", "install", str(model_dir), "--name", "mine", "--progress", "none"]) == 2
+    assert f"{cache}: in use by another afloc process (PID {os.getpid()}" in capsys.readouterr().err
+    assert not cache.exists() and (cache.parent / ".models.afloc.lock").is_file()
+
+    mask = tmp_path / "mask.nrrd"
+    pixels = np.zeros(sitk.GetArrayFromImage(sitk.ReadImage(str(image))).shape, np.uint8)
+    pixels[8:24, 8:24] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(pixels), str(mask))
+    store = tmp_path / "adapters"
+    argv = ["finetune", "--images", str(image), "--masks", str(mask), "--finding", "blob", "--out", str(store)]
+    with sibling_lock(store, "afloc other"):
+        assert main([*argv, "--model", str(model_dir), "--progress", "none"]) == 2
+    assert f"{store}: in use by another afloc process (PID {os.getpid()}" in capsys.readouterr().err
+    assert not store.exists() and (tmp_path / ".adapters.afloc.lock").is_file()

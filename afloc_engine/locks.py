@@ -1,7 +1,9 @@
 """One writer per folder: an OS file lock with the holder's PID in it.
 
-A training run folder, a ``localize`` output folder, the model cache and the adapter store each get a
-lock file ``.afloc.lock`` inside the folder. The lock is an OS lock (``fcntl.flock`` on POSIX,
+A training run folder and a ``localize`` output folder each get a lock file ``.afloc.lock`` inside the
+folder (:func:`folder_lock`). A folder that must hold nothing but its own content (the model cache, the
+adapter store) or that is replaced as a whole (``evaluate --out``) is locked from beside it, by the file
+``.<name>.afloc.lock`` in its parent (:func:`sibling_lock`). The lock is an OS lock (``fcntl.flock`` on POSIX,
 ``msvcrt.locking`` on Windows), so the OS releases it when the holder exits or is killed (kill -9
 included); the file itself stays and is harmless. While held, the file holds the holder's PID and
 command so a second writer can say who it is waiting for::
@@ -139,3 +141,20 @@ def folder_lock(
             _unlock(fd)
     finally:
         os.close(fd)
+
+
+def sibling_lock_name(folder: str | Path) -> str:
+    """The name of the lock file :func:`sibling_lock` keeps beside ``folder``: ``.<name>.afloc.lock``."""
+    return f".{Path(folder).name}.afloc.lock"
+
+
+@contextlib.contextmanager
+def sibling_lock(folder: str | Path, command: str, wait: bool = False) -> Iterator[Path]:
+    """:func:`folder_lock` of ``folder`` through the file :func:`sibling_lock_name` in its parent.
+
+    For folders that must hold only their own content or are swapped as a whole; ``folder`` itself need not
+    exist (its parent is created). Yields ``folder``; errors name ``folder``; raises as :func:`folder_lock`.
+    """
+    folder = Path(folder).absolute()
+    with folder_lock(folder.parent, command, wait=wait, lock_name=sibling_lock_name(folder), guarded=folder):
+        yield folder

@@ -96,11 +96,9 @@ def run(args: argparse.Namespace) -> int:
     """One writer per ``--out`` (the lock file sits beside it: the folder itself is replaced atomically)."""
     if args.out is None:
         return _run(args)
-    from afloc_engine.locks import folder_lock
+    from afloc_engine.locks import sibling_lock
 
-    out = Path(args.out).absolute()
-    lock = f".afloc-{out.name}.lock"
-    with folder_lock(out.parent, "afloc evaluate", wait=args.wait, lock_name=lock, guarded=out):
+    with sibling_lock(Path(args.out), "afloc evaluate", wait=args.wait):
         return _run(args)
 
 

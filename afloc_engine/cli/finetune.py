@@ -22,7 +22,7 @@ from typing import Any
 
 from afloc_engine.cli.common import add_model_arguments, add_progress_argument
 from afloc_engine.errors import AFLocError, DataError
-from afloc_engine.locks import add_wait_argument, folder_lock
+from afloc_engine.locks import add_wait_argument, sibling_lock
 from afloc_engine.progress import Progress, emit
 
 
@@ -88,9 +88,7 @@ def run(args: argparse.Namespace) -> int:
         examples = parse_examples(list(zip(args.images, args.masks)), [args.finding.strip()])
         store = args.out if args.out is not None else default_adapter_store()
         # one writer per adapter store; the lock file sits beside the store, which holds only adapters
-        store = Path(store).absolute()
-        lock_name = f".{store.name}.afloc.lock"
-        held.enter_context(folder_lock(store.parent, "afloc finetune", args.wait, lock_name=lock_name, guarded=store))
+        store = held.enter_context(sibling_lock(Path(store), "afloc finetune", args.wait))
         from afloc_engine.checkpoint import clean_leftovers
 
         clean_leftovers(store)  # temporary folders of an interrupted fine-tune

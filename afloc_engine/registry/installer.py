@@ -50,12 +50,12 @@ def _cache_lock(command: str, wait: bool):  # noqa: ANN202 (a context manager)
     import contextlib
 
     from afloc_engine.checkpoint import clean_leftovers
-    from afloc_engine.locks import folder_lock
+    from afloc_engine.locks import sibling_lock
 
     @contextlib.contextmanager
     def held():  # noqa: ANN202
         root = models_dir()  # locked from its parent: the cache itself holds only models
-        with folder_lock(root.parent, command, wait=wait, lock_name=".models.lock", guarded=root):
+        with sibling_lock(root, command, wait=wait):
             root.mkdir(parents=True, exist_ok=True)
             for staging in root.glob(".install-*.tmp"):  # an interrupted install (we hold the lock)
                 shutil.rmtree(staging, ignore_errors=True)
