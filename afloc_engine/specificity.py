@@ -182,13 +182,8 @@ class PromptSpecificity:
     warning: str | None
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "prompt": self.prompt,
-            "specificity": self.specificity,
-            "mean_correlation": self.mean_correlation,
-            "lung_correlation": self.lung_correlation,
-            "warning": self.warning,
-        }
+        """The fields by name (as ``results.json`` records them)."""
+        return dict(vars(self))
 
 
 def specificity_warning(

@@ -94,11 +94,22 @@ def lung_prior(
     return lung_field_map(shape, centres, sigma)
 
 
-class PriorPredictor(Predictor):
-    """The lung-field prior of :func:`lung_prior` for every prompt (anatomy, not learned)."""
+class AnatomyBaseline(Predictor):
+    """A baseline that gives every prompt the same map of the image's anatomy: :meth:`heatmap` per image."""
 
     kind = "baseline"
     prompt_independent = True
+
+    def heatmap(self, image: ImageData) -> np.ndarray:
+        """(H, W) float32 heatmap in [-1, 1] of one image, for every prompt."""
+        raise NotImplementedError
+
+    def __call__(self, images: Sequence[ImageData], prompts: Sequence[str]) -> Prediction:
+        return Prediction([np.repeat(self.heatmap(im)[None], len(prompts), axis=0) for im in images], None)
+
+
+class PriorPredictor(AnatomyBaseline):
+    """The lung-field prior of :func:`lung_prior` for every prompt (anatomy, not learned)."""
 
     def __init__(self, name: str = "prior") -> None:
         super().__init__(name)
@@ -111,12 +122,8 @@ class PriorPredictor(Predictor):
             "sigma_xy": list(LUNG_FIELD_SIGMA),
         }
 
-    def __call__(self, images: Sequence[ImageData], prompts: Sequence[str]) -> Prediction:
-        maps = []
-        for im in images:
-            prior = lung_prior(tuple(im.array.shape[-2:]))
-            maps.append(np.repeat(prior[None], len(prompts), axis=0))
-        return Prediction(maps, None)
+    def heatmap(self, image: ImageData) -> np.ndarray:
+        return lung_prior(tuple(image.array.shape[-2:]))  # type: ignore[arg-type]
 
 
 def lung_field_heatmap(image: ImageData, sigma: float = LUNG_ESTIMATE_SIGMA) -> np.ndarray:
@@ -143,15 +150,12 @@ def lung_field_heatmap(image: ImageData, sigma: float = LUNG_ESTIMATE_SIGMA) -> 
     return (2 * (smooth - low) / (high - low) - 1).astype(np.float32)
 
 
-class LungFieldPredictor(Predictor):
+class LungFieldPredictor(AnatomyBaseline):
     """Each image's own lung-field estimate (:func:`lung_field_heatmap`) for every prompt.
 
     A stronger baseline than :class:`PriorPredictor`: it follows the image's anatomy, but like it
     ignores the prompt. A model that scores no better than this has learnt where the lungs are.
     """
-
-    kind = "baseline"
-    prompt_independent = True
 
     def __init__(self, name: str = "lung_field") -> None:
         super().__init__(name)
@@ -163,9 +167,8 @@ class LungFieldPredictor(Predictor):
             f"blurred by {LUNG_ESTIMATE_SIGMA:g} x the longest side",
         }
 
-    def __call__(self, images: Sequence[ImageData], prompts: Sequence[str]) -> Prediction:
-        maps = [np.repeat(lung_field_heatmap(im)[None], len(prompts), axis=0) for im in images]
-        return Prediction(maps, None)
+    def heatmap(self, image: ImageData) -> np.ndarray:
+        return lung_field_heatmap(image)
 
 
 class ModelPredictor(Predictor):
