@@ -42,6 +42,15 @@ def test_slug_any_unicode_is_file_safe_and_distinct() -> None:
     assert protocol.slug("气胸") == protocol.slug("气胸")  # and stable
 
 
+def test_a_heatmap_file_is_named_like_its_segment() -> None:
+    """Non-Latin prompts: the file name spells what the segment name spells (not an opaque hash)."""
+    from afloc_engine.outputs import segment_name
+
+    for prompt in ("胸腔积液", "Findings suggesting пневмоторакс", "Épanchement pleural (≥ 2 cm)", "pneumothorax"):
+        assert protocol.slug(prompt) == protocol.slug(segment_name(prompt)), prompt
+    assert protocol.slug("胸腔积液") == "xiongqiangjiye"
+
+
 def test_emit_writes_protocol_events() -> None:
     stream = io.StringIO()
     with Progress(2, "json", desc="localize", stream=stream) as progress:

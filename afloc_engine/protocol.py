@@ -162,12 +162,18 @@ def finding_code(finding: str) -> tuple[str, str, str]:
 def slug(text: str, max_len: int = 48) -> str:
     """File-safe ASCII name of a prompt or finding: 'Findings suggesting pneumothorax' -> 'pneumothorax'.
 
-    Lower-case ``[a-z0-9_]`` only, at most ``max_len`` characters, never empty. Accented Latin
-    letters lose their accents ('Épanchement pleural' -> 'epanchement_pleural'); text in other
-    scripts ('气胸') becomes ``prompt_<8 hex digits of its SHA-1>``, so different texts get different names.
+    Lower-case ``[a-z0-9_]`` only, at most ``max_len`` characters, never empty. Other scripts are
+    transliterated as the segment names are (``anyascii``: '胸腔积液' -> 'xiongqiangjiye', 'Épanchement
+    pleural' -> 'epanchement_pleural'), so a heatmap file is named like its segment; text with nothing
+    left to spell becomes ``prompt_<8 hex digits of its SHA-1>``, so different texts get different names.
     """
     finding = finding_of(text)
-    ascii_text = unicodedata.normalize("NFKD", finding).encode("ascii", "ignore").decode("ascii")
+    try:
+        from anyascii import anyascii
+
+        ascii_text = anyascii(finding)
+    except ImportError:  # pragma: no cover (an engine dependency; the Slicer side only reads names)
+        ascii_text = unicodedata.normalize("NFKD", finding).encode("ascii", "ignore").decode("ascii")
     s = re.sub(r"[^a-z0-9]+", "_", ascii_text.lower()).strip("_")
     if not s and any(ch.isalnum() for ch in finding):
         s = "prompt_" + hashlib.sha1(finding.encode("utf-8")).hexdigest()[:8]
