@@ -58,6 +58,53 @@ def test_synthesized_report_names_every_pasted_kind():
             assert "clear" in report
 
 
+def test_the_all_recipe_names_each_painted_finding_in_its_report():
+    """Every kind in a label map of the ``all`` recipe is named by one of its phrases in the report, and
+    no normal sentence contradicts it (no "No pleural effusion." beside an effusion)."""
+    rng = np.random.default_rng(5)
+    seen = set()
+    for i in range(40):
+        image, labels, report = synthesize((phantom_cxr(seed=i % 4) * 255).astype(np.uint8), rng, "all")
+        assert image.shape == labels.shape and image.dtype == np.uint8
+        for kind, value in KIND_LABELS.items():
+            if (labels == value).any():
+                seen.add(kind)
+                assert any(p.lower() in report.lower() for p in PHRASES[kind]), (kind, report)
+        if (labels == KIND_LABELS["effusion"]).any():
+            assert "No pleural effusion" not in report
+    assert len(seen) >= 10  # the recipe paints most kinds within 40 images
+    with pytest.raises(ValueError, match="recipe"):
+        synthesize((phantom_cxr() * 255).astype(np.uint8), rng, "everything")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_anatomical_findings_sit_where_anatomy_puts_them(side):
+    """Effusion at the base of its side, the heart shadow low and to the patient's left, pneumothorax a
+    darker rim at the top and outer wall of its side: what the words are taught to point at."""
+    from training import synthetic_findings as sf
+
+    base = phantom_cxr(size=128)
+    fields = lung_fields(base)
+    own_half = slice(0, 64) if side == "right" else slice(64, 128)  # patient's right = image left
+
+    image = base.copy()
+    fluid = sf.effusion(image, fields, side, np.random.default_rng(0))
+    ys, xs = np.nonzero(fluid)
+    assert fluid[:, own_half].sum() == fluid.sum() and ys.mean() > 64  # its side, the lower half
+    assert image[fluid].mean() > base[fluid].mean() + 0.1  # fluid is dense
+
+    image = base.copy()
+    heart = sf.cardiomegaly(image, fields, side, np.random.default_rng(0))
+    ys, xs = np.nonzero(heart)
+    assert ys.mean() > 64 and xs.mean() > 64 and xs.max() - xs.min() > 0.3 * 128  # low, patient's left, wide
+
+    image = base.copy()
+    air = sf.pneumothorax(image, fields, side, np.random.default_rng(0))
+    ys, xs = np.nonzero(air)
+    assert air[:, own_half].sum() == air.sum() and ys.mean() < np.nonzero(fields)[0].mean()  # its side, high
+    assert image[air].mean() < base[air].mean()  # lucent
+
+
 def test_kind_targets_are_cell_coverage_fractions():
     labels = torch.zeros(1, 8, 8, dtype=torch.long)
     labels[0, :4, :4] = KIND_LABELS["nodule"]

@@ -7,7 +7,9 @@
 - TBX11K: an image-level tuberculosis sentence per image (active / old healed by its box classes),
   only the ``train`` part (``heldout_part(image_id)``).
 No box, outline or mask is used. Writes a trainer manifest (``id, image, text, patient_id, split``)
-and prints how many rows each source gave and how many were left out.
+and prints how many rows each source gave and how many were left out. With ``--backgrounds-out FILE``
+it also lists the NIH images of those patients labelled "No Finding" (adult radiographs for
+``python -m training.synthetic --backgrounds FILE``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--backgrounds-out", type=Path, help="also list the No-Finding NIH images (one per line)")
     args = parser.parse_args(argv)
+    normal: list[str] = []
     rows: list[list[str]] = []
     with (args.data / "chestx-det-nih" / "labels.csv").open(newline="") as fh:
         excluded_patients = {r["patient_id"].lstrip("0") for r in csv.DictReader(fh)}
@@ -45,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             image = (args.data / "nih-cxr14-sample" / r["image"]).resolve()
             rows.append([image.stem, str(image), nih_report(r["findings"]), f"nih-{pid}", "train"])
+            if r["findings"].strip() == "No Finding":
+                normal.append(str(image))
     n_nih = len(rows)
     with (args.data / "tbx11k-tb" / "labels.csv").open(newline="") as fh:
         for r in csv.DictReader(fh):
@@ -63,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         w.writerow(["id", "image", "text", "patient_id", "split"])
         w.writerows(rows)
     print(f"{args.out}: {n_nih} NIH + {len(rows) - n_nih} TBX11K pairs; left out: {left}")
+    if args.backgrounds_out is not None:
+        args.backgrounds_out.parent.mkdir(parents=True, exist_ok=True)
+        args.backgrounds_out.write_text("".join(f"{path}\n" for path in normal))
+        print(f"{args.backgrounds_out}: {len(normal)} 'No Finding' NIH images")
     return 0
 
 

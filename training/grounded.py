@@ -36,7 +36,7 @@ from afloc_engine.config import AFLocConfig
 from afloc_engine.models import AFLocModel
 from afloc_engine.progress import Progress
 from afloc_engine.transforms import Letterbox, normalize_intensity
-from training.synthetic import KIND_LABELS, PHRASES
+from training.synthetic import KIND_LABELS, PHRASES, RECIPES, kinds_of
 
 NEGATIVE = "No {kind}."
 
@@ -88,9 +88,11 @@ def _random_affine(image: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return warped, warped_labels
 
 
-def kind_targets(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, S, S) label maps -> (B, K, g, g) fraction of each grid cell covered by each lesion kind."""
-    onehot = torch.stack([(labels == v).float() for v in KIND_LABELS.values()], dim=1)
+def kind_targets(labels: torch.Tensor, grid: tuple[int, int], kinds: list[str] | None = None) -> torch.Tensor:
+    """(B, S, S) label maps -> (B, K, g, g) fraction of each grid cell covered by each of ``kinds``
+    (default: every kind of :data:`~training.synthetic.KIND_LABELS`, in label order)."""
+    values = [KIND_LABELS[k] for k in (kinds if kinds is not None else KIND_LABELS)]
+    onehot = torch.stack([(labels == v).float() for v in values], dim=1)
     return F.adaptive_avg_pool2d(onehot, grid)
 
 
@@ -103,14 +105,18 @@ def grounded_losses(
     scale: torch.Tensor,
     bias: torch.Tensor,
     pos_weight: float = 4.0,
+    kinds: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Local (cell-phrase) and global (presence) losses of one batch; see the module docstring."""
+    """Local (cell-phrase) and global (presence) losses of one batch; see the module docstring.
+
+    ``phrases`` and ``negatives`` hold one sentence per kind of ``kinds`` (default: every kind).
+    """
     feats = model.encode_images(images)
     text = model.text_encoder.encode(phrases + negatives).report  # (2K, D)
     pos, neg = F.normalize(text[: len(phrases)], dim=-1), F.normalize(text[len(phrases) :], dim=-1)
     deep = F.normalize(feats.deep, dim=1)  # (B, D, g, g)
     cos = torch.einsum("bdhw,kd->bkhw", deep, pos)
-    target = kind_targets(labels, tuple(deep.shape[-2:]))
+    target = kind_targets(labels, tuple(deep.shape[-2:]), kinds)
     local = F.binary_cross_entropy_with_logits(cos * scale + bias, target, pos_weight=target.new_tensor(pos_weight))
     g = F.normalize(feats.global_, dim=-1)
     present = (target.flatten(2).amax(2) > 0).float()  # (B, K)
@@ -130,11 +136,23 @@ def pretrain(
     seed: int = 0,
     workers: int = 1,
     progress: str = "bar",
+    recipe: str = "lesions",
+    init: Path | None = None,
 ) -> Path:
-    """Train ``config``'s model on the grounded losses; write an engine model folder to ``out``."""
+    """Train ``config``'s model on the grounded losses of ``recipe``'s kinds (:data:`RECIPES`); write an
+    engine model folder to ``out``. ``init``: start from this model folder's weights and config
+    (``config`` is then ignored) instead of ``config``'s fresh model."""
     torch.manual_seed(seed)
     random.seed(seed)
-    model = AFLocModel(config).to(device)
+    kinds = kinds_of(recipe)
+    if init is not None:
+        from afloc_engine.checkpoint import load_model_folder
+
+        model, _ = load_model_folder(init)
+        config = model.config
+    else:
+        model = AFLocModel(config)
+    model = model.to(device)
     for p in model.text_encoder.transformer.parameters():
         p.requires_grad_(False)
     scale = torch.nn.Parameter(torch.tensor(10.0, device=device))
@@ -155,9 +173,11 @@ def pretrain(
             model.train()
             model.text_encoder.transformer.eval()
             for images, labels in loader:
-                phrases = [rng.choice(PHRASES[k]) for k in KIND_LABELS]
-                negatives = [NEGATIVE.format(kind=k) for k in KIND_LABELS]
-                losses = grounded_losses(model, images.to(device), labels.to(device), phrases, negatives, scale, bias)
+                phrases = [rng.choice(PHRASES[k]) for k in kinds]
+                negatives = [NEGATIVE.format(kind=k) for k in kinds]
+                losses = grounded_losses(
+                    model, images.to(device), labels.to(device), phrases, negatives, scale, bias, kinds=kinds
+                )
                 optimizer.zero_grad(set_to_none=True)
                 losses["total"].backward()
                 optimizer.step()
@@ -169,8 +189,9 @@ def pretrain(
         name="grounded-synthetic",
         version=time.strftime("%Y.%m.%d"),
         trained=True,
-        description=f"grounded pre-training on {len(data)} synthetic lesion images, {epochs} epochs",
-        extra={"stage": "grounded-synthetic", "seconds": round(time.time() - start)},
+        description=f"grounded pre-training on {len(data)} synthetic images ({recipe}), {epochs} epochs"
+        + (f", from {init}" if init is not None else ""),
+        extra={"stage": "grounded-synthetic", "recipe": recipe, "seconds": round(time.time() - start)},
     )
     model.cpu().eval()
     save_model(model, out, info, overwrite=True)
@@ -190,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    parser.add_argument("--recipe", choices=RECIPES, default="lesions", help="the kinds the synthetic set holds")
+    parser.add_argument("--init", type=Path, help="start from this model folder (its config) instead of a fresh model")
     args = parser.parse_args(argv)
     import yaml
 
@@ -206,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
         args.workers,
         args.progress,
+        args.recipe,
+        args.init,
     )
     print(args.out)
     return 0

@@ -26,12 +26,19 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from training import synthetic_findings
+
 LESIONS = {
     # name: (contrast range, radius range as a fraction of the image side, edge softness)
     "ground glass opacity": ((0.1, 0.22), (0.06, 0.14), 0.35),
     "consolidation": ((0.22, 0.42), (0.05, 0.11), 0.12),
     "nodule": ((0.2, 0.4), (0.015, 0.035), 0.08),
+    "mass": ((0.28, 0.48), (0.04, 0.075), 0.06),
 }
+FOCAL_LESIONS = ("ground glass opacity", "consolidation", "nodule")
+"""The lesion kinds of the ``lesions`` recipe (the default model's pre-training)."""
+ROUND = frozenset({"nodule", "mass"})
+"""Lesions drawn as one round blob, not clipped to the lung field."""
 PHRASES = {
     "ground glass opacity": [
         "ground glass opacity",
@@ -42,6 +49,8 @@ PHRASES = {
     ],
     "consolidation": ["consolidation", "airspace consolidation", "dense consolidation", "patchy consolidation"],
     "nodule": ["nodule", "pulmonary nodule", "small nodular opacity", "rounded nodule"],
+    "mass": ["mass", "lung mass", "pulmonary mass", "large rounded opacity"],
+    **synthetic_findings.PHRASES,
 }
 NORMAL_SENTENCES = [
     "The lungs are clear.",
@@ -52,8 +61,12 @@ NORMAL_SENTENCES = [
     "The cardiomediastinal silhouette is within normal limits.",
 ]
 ZONES = ("upper", "mid", "lower")
-KIND_LABELS = {kind: i + 1 for i, kind in enumerate(LESIONS)}
-"""Label value of each lesion kind in the written masks (0: no lesion)."""
+KIND_LABELS = {kind: i + 1 for i, kind in enumerate([*LESIONS, *synthetic_findings.FINDINGS])}
+"""Label value of each lesion or finding kind in the written masks (0: none); the first three are
+those of the ``lesions`` recipe, so its masks keep their values."""
+RECIPES = ("lesions", "all")
+"""``lesions``: the three focal lesion kinds (the default model's pre-training); ``all``: every kind of
+:data:`KIND_LABELS`, the focal lesions and the anatomical findings of :mod:`training.synthetic_findings`."""
 
 
 @dataclass
@@ -128,13 +141,13 @@ def paste_lesion(image: np.ndarray, fields: np.ndarray, lesion: Lesion, rng: np.
     cy, cx = ys[i], xs[i]
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     blob = np.zeros((h, w), np.float32)
-    lobes = 1 if lesion.kind == "nodule" else rng.integers(2, 6)
+    lobes = 1 if lesion.kind in ROUND else rng.integers(2, 6)
     for _ in range(lobes):
         oy, ox = rng.normal(0, radius * 0.45, 2) if lobes > 1 else (0.0, 0.0)
         ry, rx = radius * rng.uniform(0.6, 1.0, 2)
         blob = np.maximum(blob, np.exp(-(((yy - cy - oy) / ry) ** 2 + ((xx - cx - ox) / rx) ** 2)))
     mask = blob > 0.5
-    if lesion.kind != "nodule":
+    if lesion.kind not in ROUND:
         mask &= ndimage.binary_dilation(fields, iterations=max(1, int(radius * 0.2)))
     if not mask.any():
         mask = blob > 0.5
@@ -188,14 +201,24 @@ def describe(lesions: list[Lesion], rng: np.random.Generator) -> str:
     return " ".join(order)
 
 
-def synthesize(background: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
-    """(H, W) uint8 real CXR -> (image uint8 with lesions, label map uint8 (see KIND_LABELS), report)."""
+def synthesize(
+    background: np.ndarray, rng: np.random.Generator, recipe: str = "lesions"
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(H, W) uint8 real CXR -> (image uint8 with findings, label map uint8 (see KIND_LABELS), report).
+
+    ``recipe``: ``lesions`` (0-3 focal lesions of :data:`FOCAL_LESIONS`) or ``all`` (0-3 findings of any
+    kind, each where anatomy puts it). Raises ValueError for another recipe.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, not {recipe!r}")
     image = background.astype(np.float32) / 255.0
     fields = lung_fields(image)
+    if recipe == "all":
+        return _synthesize_all(image, fields, rng)
     n = rng.choice([0, 1, 1, 2, 2, 3], p=[0.12, 0.3, 0.18, 0.2, 0.1, 0.1])
     lesions = []
     for _ in range(n):
-        kind = str(rng.choice(list(LESIONS), p=[0.5, 0.35, 0.15]))
+        kind = str(rng.choice(list(FOCAL_LESIONS), p=[0.5, 0.35, 0.15]))
         lesions.append(Lesion(kind, str(rng.choice(["right", "left"])), str(rng.choice(ZONES, p=[0.25, 0.3, 0.45]))))
         if kind != "nodule" and rng.random() < 0.35:  # bilateral disease, as in viral pneumonia
             other = "left" if lesions[-1].side == "right" else "right"
@@ -204,6 +227,38 @@ def synthesize(background: np.ndarray, rng: np.random.Generator) -> tuple[np.nda
     for les in lesions:
         labels[paste_lesion(image, fields, les, rng)] = KIND_LABELS[les.kind]
     return (image * 255).round().astype(np.uint8), labels, describe(lesions, rng)
+
+
+def _synthesize_all(
+    image: np.ndarray, fields: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """The ``all`` recipe: distinct kinds, the lung-wide ones painted first so focal ones stay on top."""
+    kinds = list(KIND_LABELS)
+    n = int(rng.choice([0, 1, 2, 3], p=[0.1, 0.35, 0.35, 0.2]))
+    chosen = [str(k) for k in rng.choice(kinds, size=n, replace=False)]
+    wide = ("emphysema", "edema", "fibrosis", "diffuse nodule")  # emphysema covers both lungs: first
+    chosen.sort(key=lambda k: wide.index(k) if k in wide else len(wide))
+    labels = np.zeros(image.shape, np.uint8)
+    lesions, sentences = [], []
+    for kind in chosen:
+        side = str(rng.choice(["right", "left"]))
+        if kind in LESIONS:
+            lesion = Lesion(kind, side, str(rng.choice(ZONES, p=[0.25, 0.3, 0.45])))
+            lesions.append(lesion)
+            mask = paste_lesion(image, fields, lesion, rng)
+        else:
+            mask = synthetic_findings.FINDINGS[kind](image, fields, side, rng)
+            sentences.append(synthetic_findings.sentence(kind, side, rng))
+        labels[mask] = KIND_LABELS[kind]
+    report = describe(lesions, rng) if lesions else ""
+    contradicted = {"effusion": "effusion", "pneumothorax": "pneumothorax", "cardiomegaly": "Heart"}
+    kept = [s for s in report.split(". ") if s and not any(k in chosen and w in s for k, w in contradicted.items())]
+    kept = [s if s.endswith(".") else s + "." for s in kept]
+    if chosen and not lesions:
+        kept = [s for s in kept if "clear" not in s]
+    order = kept + sentences
+    rng.shuffle(order)
+    return (image * 255).round().astype(np.uint8), labels, " ".join(order) or "The lungs are clear."
 
 
 def _load_grey(path: Path, size: int) -> np.ndarray:
@@ -216,12 +271,12 @@ def _load_grey(path: Path, size: int) -> np.ndarray:
         return np.asarray(img)
 
 
-def _one(job: tuple[int, str, int, int, str]) -> dict:
+def _one(job: tuple[int, str, int, int, str, str]) -> dict:
     from PIL import Image
 
-    index, background, size, seed, out = job
+    index, background, size, seed, out, recipe = job
     rng = np.random.default_rng([seed, index])
-    image, mask, report = synthesize(_load_grey(Path(background), size), rng)
+    image, mask, report = synthesize(_load_grey(Path(background), size), rng, recipe)
     name = f"syn{index:06d}"
     Image.fromarray(image).save(Path(out) / "images" / f"{name}.png")
     Image.fromarray(mask).save(Path(out) / "masks" / f"{name}.png")
@@ -235,17 +290,38 @@ def _one(job: tuple[int, str, int, int, str]) -> dict:
     }
 
 
-def generate(backgrounds: list[Path], n: int, out: Path, size: int = 256, seed: int = 0, workers: int = 0) -> Path:
-    """Write ``n`` synthetic pairs and ``manifest.csv`` into ``out``; returns the manifest path."""
+def _images_of(source: Path) -> list[Path]:
+    """The PNG/JPEG files under a folder, or those a text file lists (one path per line)."""
+    if source.is_file():
+        return [Path(line.strip()) for line in source.read_text().splitlines() if line.strip()]
+    return [p for p in source.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+
+
+def kinds_of(recipe: str) -> list[str]:
+    """The kinds a recipe paints (:data:`RECIPES`), in label order."""
+    return list(FOCAL_LESIONS) if recipe == "lesions" else list(KIND_LABELS)
+
+
+def generate(
+    backgrounds: list[Path],
+    n: int,
+    out: Path,
+    size: int = 256,
+    seed: int = 0,
+    workers: int = 0,
+    recipe: str = "lesions",
+) -> Path:
+    """Write ``n`` synthetic pairs of ``recipe`` (:data:`RECIPES`) and ``manifest.csv`` into ``out``;
+    returns the manifest path."""
     from concurrent.futures import ProcessPoolExecutor
 
-    files = sorted(p for d in backgrounds for p in Path(d).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    files = sorted(p for d in backgrounds for p in _images_of(Path(d)))
     if not files:
         raise SystemExit(f"no background images under {', '.join(map(str, backgrounds))}")
     order = np.random.default_rng(seed).permutation(len(files))
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    jobs = [(i, str(files[order[i % len(files)]]), size, seed, str(out)) for i in range(n)]
+    jobs = [(i, str(files[order[i % len(files)]]), size, seed, str(out), recipe) for i in range(n)]
     workers = workers or max(1, (os.cpu_count() or 2) - 1)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -262,14 +338,17 @@ def generate(backgrounds: list[Path], n: int, out: Path, size: int = 256, seed: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backgrounds", nargs="+", type=Path, required=True, help="folders of real CXR images")
+    parser.add_argument(
+        "--backgrounds", nargs="+", type=Path, required=True, help="folders of real CXR images, or text files of paths"
+    )
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--recipe", choices=RECIPES, default="lesions", help="which kinds to paint (see RECIPES)")
     args = parser.parse_args(argv)
-    print(generate(args.backgrounds, args.n, args.out, args.size, args.seed, args.workers))
+    print(generate(args.backgrounds, args.n, args.out, args.size, args.seed, args.workers, args.recipe))
     return 0
 
 
