@@ -10,10 +10,11 @@ writing happens); after each SIGKILL the test checks the invariants:
 
 Runs go through a fork server (``Testing/fault_server.py``: torch and the engine imported once), so each
 run costs the command's own work, not Python's start-up. The table (kills, violations per command) is
-printed and, with ``AFLOC_FAULTS_JSON=PATH``, written as JSON (``benchmarks/faults.py`` writes the file docs/faults.md quotes, ``benchmarks/results/faults.json``): kills, those
-that left a temporary file or folder behind (they landed mid-write), those after which the new result
-was already in place, runs, violations. The number of
-kills per command is ``AFLOC_FAULT_KILLS`` (default 20), the seed ``AFLOC_FAULT_SEED`` (default 18).
+printed and, with ``AFLOC_FAULTS_JSON=PATH``, written as JSON (``benchmarks/faults.py`` writes the
+file docs/faults.md quotes, ``benchmarks/results/faults.json``): kills, those that left a temporary
+file or folder behind (they landed mid-write), those after which the new result was already in place,
+runs, violations. The number of kills per command is ``AFLOC_FAULT_KILLS`` (default 20), the seed
+``AFLOC_FAULT_SEED`` (default 18).
 """
 
 from __future__ import annotations
