@@ -9,6 +9,10 @@ VENV="${AFLOC_VENV:-.venv}"
 stamp="$VENV/.afloc-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# the real path: pip writes it into the console scripts (afloc), which must not name a symlink that may go
+# (the docs test runs this script in scratch copies of the repository whose .venv links to this one)
+VENV="$(cd "$VENV" && pwd -P)"
+stamp="$VENV/$(basename "$stamp")"
 # quiet pip whose failure still stops the set-up (grep's "no line left" is not a failure)
 pip_q() {
     local log status
