@@ -945,6 +945,78 @@ FIGURES += [
     (CONVERT_MD, "to 1.26 (cosine instead of the dot\nproduct)", "1.26", PIECES, "rows/4/max_abs_diff", 1),
 ]
 
+
+# §4, attempt 2 (synthetic findings where anatomy puts them): v2 and three variants, one column each
+V3 = "docs/results/prompt_following_v3_try"
+V3_SETS = ("chestx_det", "covid_dev", "tbx11k_dev", "nih_auroc_dev")
+V3_RUNS = [  # (its result files by set, its name in them)
+    ({"chestx_det": CXD, "covid_dev": COV, "tbx11k_dev": TBX, "nih_auroc_dev": NIH_DEV}, "default"),
+    *(
+        ({n: f"{V3}/{run}/{n}/evaluation.json" for n in V3_SETS}, name)
+        for run, name in (
+            ("grounded_1epoch", "grounded_v3"),
+            ("grounded_3epochs", "grounded_v3c"),
+            ("grounded_contrastive", "model"),
+        )
+    ),
+]
+
+
+def v3_columns(piece: str, dataset: str, keys: Callable[[str], list[str]], trailing: int = 0) -> list[tuple]:
+    """Registry rows of one table row of the attempt-2 table: each run's column (``keys(name)``, its key
+    paths) checked against its own file; ``trailing`` numbers after the columns (targets) are not figures."""
+    width = len(keys("x"))
+    rows = []
+    for i, (files, name) in enumerate(V3_RUNS):
+        column: list[str | None] = [None] * (width * len(V3_RUNS) + trailing)
+        column[i * width : (i + 1) * width] = keys(name)
+        rows += cells(RES_MD, piece, files[dataset], *column)
+    return rows
+
+
+def _spec(name: str) -> str:
+    return f"specificity/results/{name}"
+
+
+FIGURES += [
+    *v3_columns(
+        "| 0.082 / 6.83 | 0.147 / 5.39 | 0.156 / 5.13 | 0.147 / 5.52 | ≥ 0.25 / ≤ 4 |",
+        "chestx_det",
+        lambda n: [f"{_spec(n)}/model/top1/mean", f"{_spec(n)}/model/mean_rank/mean"],
+        trailing=2,
+    ),
+    *v3_columns(
+        "| 0.094 (0.145) | 0.166 (0.226) | 0.214 (0.263) | 0.164 (0.226) | model above the p95 |",
+        "chestx_det",
+        lambda n: [f"{_spec(n)}/shuffled_null/top1/mean", f"{_spec(n)}/shuffled_null/top1/p95"],
+    ),
+    *v3_columns(
+        "| 0.131 | 0.216 | 0.236 | 0.294 | |",
+        "chestx_det",
+        lambda n: [f"{_spec(n)}/class_mean_null/top1/mean"],
+    ),
+    *v3_columns(
+        "| invariance r | 0.713 | 0.868 | 0.667 | 0.874 | ≤ 0.4 |",
+        "chestx_det",
+        lambda n: [f"{_spec(n)}/invariance/mean"],
+        trailing=1,
+    ),
+]
+for piece, dataset, finding in [
+    ("| 0.252 / 1.217 | 0.263 / 1.304 | 0.262 / 1.242 | 0.258 / 1.255 |", "covid_dev", GG),
+    ("| **0.181** / **1.292** | 0.147 / 1.086 | 0.123 / 0.853 | 0.147 / 1.096 |", "covid_dev", CO),
+    ("| 0.183 / 1.012 | 0.225 / 1.195 | 0.220 / 1.150 | **0.234** / **1.284** |", "chestx_det", CO),
+    ("| 0.125 / **0.844** | 0.132 / 0.776 | 0.110 / 0.730 | **0.133** / 0.769 |", "chestx_det", "effusion"),
+    ("| 0.147 / 0.827 | 0.166 / 0.913 | 0.177 / 0.954 | **0.180** / **1.036** |", "tbx11k_dev", "tuberculosis"),
+]:
+    FIGURES += v3_columns(piece, dataset, lambda n, f=finding: [f"{kind(n, f)}/iou/mean", f"{kind(n, f)}/cnr/mean"])
+FIGURES += v3_columns(
+    "| 0.42 / 0.54 / 0.51 | 0.41 / 0.56 / 0.50 | 0.41 / 0.48 / 0.50 | **0.56** / **0.64** / **0.57** | ≥ 0.70 |",
+    "nih_auroc_dev",
+    lambda n: [f"{kind(n, f)}/auroc/value" for f in ("effusion", "atelectasis", "edema")],
+    trailing=1,
+)
+
 # result files of timing benchmarks: they must say which machine they ran on
 TIMED = [ENGINE_CPU, WARM, FAULTS, FT_K5]
 
@@ -1453,6 +1525,51 @@ DERIVED: list[tuple[str, str, str, Callable[[], float]]] = [
         "the\n  0.64 re-run's median draw took 17.6 s)",
         "17.6",
         lambda: median_of(FT_K5, 5, "finetune_seconds"),
+    ),
+]
+
+
+def v3_file(run: int, dataset: str) -> str:
+    """The result file of column ``run`` (0: v2) of the attempt-2 table for one set."""
+    return V3_RUNS[run][0][dataset]
+
+
+def v3_val(run: int, dataset: str, key: Callable[[str], str]) -> float:
+    return val(v3_file(run, dataset), key(V3_RUNS[run][1]))
+
+
+def v3_finding(run: int, finding: str, measure: str) -> float:
+    return v3_val(run, "chestx_det", lambda n: f"{_spec(n)}/model/per_finding/{finding}/{measure}")
+
+
+V3_CONSOLIDATION_LOSS = [  # v2's covid-cxr dev consolidation IoU minus each variant's
+    v3_val(0, "covid_dev", lambda n: f"{kind(n, CO)}/iou/mean")
+    - v3_val(i, "covid_dev", lambda n: f"{kind(n, CO)}/iou/mean")
+    for i in (1, 2, 3)
+]
+V3_NIH_GAIN = [
+    v3_val(3, "nih_auroc_dev", lambda n, f=f: f"{kind(n, f)}/auroc/value")
+    - v3_val(0, "nih_auroc_dev", lambda n, f=f: f"{kind(n, f)}/auroc/value")
+    for f in ("effusion", "atelectasis", "edema")
+]
+LOSES = "each loses 0.034–0.058 IoU on covid-cxr dev"
+DERIVED += [
+    (RES_MD, LOSES, "0.034", lambda: min(V3_CONSOLIDATION_LOSS)),
+    (RES_MD, LOSES, "0.058", lambda: max(V3_CONSOLIDATION_LOSS)),
+    (RES_MD, "0.57, up 0.06–0.13)", "0.06", lambda: min(V3_NIH_GAIN)),
+    (RES_MD, "0.57, up 0.06–0.13)", "0.13", lambda: max(V3_NIH_GAIN)),
+    (RES_MD, "top-1 went from 0.00 to 0.67 (1 epoch)", "0.00", lambda: v3_finding(0, "cardiomegaly", "top1")),
+    (RES_MD, "top-1 went from 0.00 to 0.67 (1 epoch)", "0.67", lambda: v3_finding(1, "cardiomegaly", "top1")),
+    (RES_MD, "and 0.83 (3 epochs), emphysema's", "0.83", lambda: v3_finding(2, "cardiomegaly", "top1")),
+    (RES_MD, "emphysema's from 0.33 to 0.50", "0.33", lambda: v3_finding(0, "emphysema", "top1")),
+    (RES_MD, "emphysema's from 0.33 to 0.50", "0.50", lambda: v3_finding(1, "emphysema", "top1")),
+    (RES_MD, "pneumothorax's mean rank from 7.5 to 4.0", "7.5", lambda: v3_finding(0, "pneumothorax", "mean_rank")),
+    (RES_MD, "pneumothorax's mean rank from 7.5 to 4.0", "4.0", lambda: v3_finding(1, "pneumothorax", "mean_rank")),
+    (
+        RES_MD,
+        "stayed at 0.05 or below",
+        "0.05",
+        lambda: max(v3_finding(i, "effusion", "top1") for i in range(4)),
     ),
 ]
 
