@@ -73,6 +73,20 @@ def test_warning_when_the_map_is_the_lungs_and_not_when_it_is_a_focal_spot():
     assert all("hardly changes" in t.warning for t in twins)
 
 
+def test_a_prompt_the_text_model_cannot_read_is_flagged_and_left_out():
+    """'胸腔积液' has no word the text model reads: its (noise) map gets no specificity but a warning that
+    says so, and it does not make the other prompts' maps look specific."""
+    rng = np.random.default_rng(0)
+    lungs = lung_field_map((48, 48))
+    noise = rng.uniform(-1, 1, (48, 48)).astype(np.float32)
+    readable = assess(np.stack([lungs, lungs * 0.9 + 0.05]), ["edema", "pneumonia"])
+    with_noise = assess(np.stack([lungs, lungs * 0.9 + 0.05, noise]), ["edema", "pneumonia", "胸腔积液"])
+    assert with_noise[2].specificity is None and "reads no word" in with_noise[2].warning
+    assert [s.specificity for s in with_noise[:2]] == pytest.approx([s.specificity for s in readable])
+    french, chinese = assess(np.stack([noise, lungs]), ["épanchement pleural", "气胸"])
+    assert "reads no word" not in (french.warning or "") and "reads no word" in chinese.warning  # accents fold
+
+
 def test_assess_rejects_mismatched_prompts_and_lung_map():
     with pytest.raises(ValueError):
         assess(np.zeros((2, S, S)), ["only one"])

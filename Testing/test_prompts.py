@@ -91,3 +91,13 @@ def test_adapter_of_a_finding_accepts_its_prompt_in_any_spelling(tiny_afloc):
     prompts = ["ground glass opacity", "Findings suggesting Ground  Glass_Opacity", "edema"]
     assert adapter.match(prompts) == [0, 0, None]
     assert adapters._meta_matches({"findings": ["ground_glass_opacity"], "prompts": []}, ["Ground glass opacity"])
+
+
+def test_overlay_titles_are_ascii_the_built_in_font_can_draw():
+    """Pillow's built-in font has no accented letters (a fresh user saw '□panchement pleural')."""
+    from afloc_engine.outputs import _title
+
+    assert _title("Findings suggesting pneumothorax") == "Findings suggesting pneumothorax"
+    for prompt in ("épanchement pleural", "Pneumothorax (≥ 2 cm)", "胸腔积液"):
+        assert _title(prompt).isascii() and _title(prompt).strip(), prompt
+    assert _title("épanchement pleural") == "epanchement pleural"

@@ -215,8 +215,9 @@ def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _title(text: str) -> str:
-    """A panel title the built-in font can draw: Latin text as is, other scripts and symbols transliterated."""
-    return text if all(ord(ch) < 0x250 for ch in text) else segment_name(text)
+    """A panel title the built-in font can draw (ASCII only: it has no accented letters either): ASCII text
+    as is, anything else transliterated as the segment names are ('épanchement' -> 'epanchement')."""
+    return text if text.isascii() else segment_name(text)
 
 
 def write_overlay_png(

@@ -235,14 +235,26 @@ def assess(
         heatmaps = heatmaps[(slice(None),) + (slice(None, None, step),) * (heatmaps.ndim - 1)]
         if lung_map is not None:
             lung_map = np.asarray(lung_map)[::step, ::step]
-    spec = specificity_scores(heatmaps)
+    # a prompt with no word the text model reads gives a noise map: no specificity of its own, and left
+    # out of the other prompts' comparison (its noise would make them look specific)
+    readable = [i for i, p in enumerate(prompts) if is_readable(p)]
+    spec: list[float | None] = [None] * len(prompts)
+    for i, s in zip(readable, specificity_scores(heatmaps[readable]) if readable else []):
+        spec[i] = s
     # the lung-field template is 2D: a volume's (P, Z, Y, X) maps get no lung correlation
     lung = lung_correlations(heatmaps, lung_map) if heatmaps.ndim == 3 else [None] * len(prompts)
     out = []
-    for p, s, r in zip(prompts, spec, lung):
-        out.append(
-            PromptSpecificity(
-                p, s, None if s is None else 1.0 - s, r, specificity_warning(p, s, r, lung_warn_r, specificity_warn)
-            )
-        )
+    for i, (p, s, r) in enumerate(zip(prompts, spec, lung)):
+        if i in readable:
+            warning = specificity_warning(p, s, r, lung_warn_r, specificity_warn)
+        else:
+            warning = f'the text model reads no word of "{p}" (it reads English words): its heatmap is noise'
+        out.append(PromptSpecificity(p, s, None if s is None else 1.0 - s, r, warning))
     return out
+
+
+def is_readable(prompt: str) -> bool:
+    """Whether the text model reads at least one word of ``prompt`` (English words; accents folded)."""
+    from afloc_engine.text import split_sentences
+
+    return bool(split_sentences(prompt))

@@ -87,7 +87,6 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     """``--prompt``s then the ``--preset``'s, cleaned; a prompt naming a finding an earlier one names is
     dropped with one warning line (the README's ``--prompt "Findings suggesting pneumothorax" --preset cxr``)."""
     from afloc_engine.prompts import merge_duplicates, preset_prompts, validate_prompts
-    from afloc_engine.text import split_sentences
 
     prompts = list(args.prompt)
     if args.preset:
@@ -98,10 +97,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     if dropped:
         pairs = "; ".join(f"{d!r} (same finding as {k!r})" for d, k in dropped)
         warn(f"{len(dropped)} repeated prompt(s) ignored: {pairs}")
-    for p in prompts:
-        if not split_sentences(p):
-            warn(f"the text model reads no word of the prompt {p!r} (it reads English words); its heatmap is noise")
-    return prompts
+    return prompts  # a prompt the text model cannot read is flagged with the results (specificity.assess)
 
 
 def _dicom_seg_source(path: Path, image: object) -> Path | None:
@@ -218,8 +214,10 @@ def _run(args: argparse.Namespace) -> int:
                 overlay=not args.no_overlay,
                 dicom_seg_source=seg_source,
             )
-            for spec in result.specificity():  # per prompt: afloc_engine.specificity (also in results.json)
-                score = "n/a (one prompt)" if spec.specificity is None else f"{spec.specificity:.2f}"
+            specs = result.specificity()  # per prompt: afloc_engine.specificity (also in results.json)
+            for spec in specs:
+                alone = "n/a (one prompt)" if len(specs) == 1 else "n/a"
+                score = alone if spec.specificity is None else f"{spec.specificity:.2f}"
                 print(f'afloc localize: {path}: "{spec.prompt}": specificity {score}', file=sys.stderr)
                 if spec.warning:
                     print(f"afloc localize: WARNING: {path}: {spec.warning}", file=sys.stderr)
