@@ -158,3 +158,19 @@ def test_grounded_steps_lower_the_loss_and_pretrain_writes_a_model(synthetic_set
     out = pretrain(synthetic_set, tmp_path / "g", config, epochs=1, batch_size=4, workers=0, progress="none")
     loaded, info = load_model_folder(out)
     assert info.trained and info.extra["stage"] == "grounded-synthetic"
+
+
+def test_a_short_grounded_run_trains_and_too_few_images_is_one_line(synthetic_set, tmp_path, capsys):
+    """A smoke test on a few images: exactly 10 steps crashed one-cycle's warm-up (ZeroDivisionError);
+    fewer images than one batch is one line, exit 2, and no model folder."""
+    from training.grounded import main
+
+    out = pretrain(synthetic_set, tmp_path / "g10", tiny_config(image_size=64), epochs=5, batch_size=6, workers=0,
+                   progress="none")  # fmt: skip
+    assert load_model_folder(out)[1].trained
+    assert (synthetic_set.parent / "labels.json").is_file()  # the masks' key
+    code = main(["--manifest", str(synthetic_set), "--out", str(tmp_path / "none"), "--batch-size", "64",
+                 "--progress", "none"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no full batch of 64" in err[0]
+    assert not (tmp_path / "none").exists()

@@ -23,8 +23,10 @@ import csv
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -125,6 +127,14 @@ def grounded_losses(
     return {"local": local, "global": glob, "total": local + glob}
 
 
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, lr: float, total_steps: int) -> Any:  # noqa: ANN401
+    """One-cycle (10 % warm-up) over ``total_steps``; a run too short for a warm-up (under 20 steps, a smoke
+    test on a few images) keeps ``lr`` constant instead (one-cycle cannot warm up in under one step)."""
+    if total_steps < 20:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.1)
+
+
 def pretrain(
     manifest: Path,
     out: Path,
@@ -164,7 +174,9 @@ def pretrain(
         data, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers, persistent_workers=workers > 0
     )
     total = epochs * len(loader)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=0.1)
+    if total == 0:
+        raise ValueError(f"{manifest}: {len(data)} images make no full batch of {batch_size}: lower --batch-size")
+    schedule = learning_rate_schedule(optimizer, lr, total)
     history = []
     start = time.time()
     rng = random.Random(seed)
@@ -218,20 +230,24 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = yaml.safe_load(args.model_config.read_text()) if args.model_config else {}
     config = AFLocConfig.from_dict(overrides or {}, args.model_config)
-    pretrain(
-        args.manifest,
-        args.out,
-        config,
-        args.epochs,
-        args.batch_size,
-        args.lr,
-        args.device,
-        args.seed,
-        args.workers,
-        args.progress,
-        args.recipe,
-        args.init,
-    )
+    try:
+        pretrain(
+            args.manifest,
+            args.out,
+            config,
+            args.epochs,
+            args.batch_size,
+            args.lr,
+            args.device,
+            args.seed,
+            args.workers,
+            args.progress,
+            args.recipe,
+            args.init,
+        )
+    except ValueError as err:  # bad input: one line, exit 2
+        print(f"training.grounded: error: {err}", file=sys.stderr)
+        return 2
     print(args.out)
     return 0
 

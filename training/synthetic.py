@@ -10,7 +10,7 @@ image's left half (patient's right on a frontal film), "lower" the bases.
     python -m training.synthetic --backgrounds DIR [DIR ...] --n 3000 --out DIR [--seed 0]
 
 writes ``DIR/images/*.png`` (grey, longest side ``--size``), ``DIR/masks/*.png`` (lesion label maps,
-values in ``KIND_LABELS``)
+values in ``KIND_LABELS``, written as ``DIR/labels.json``)
 and ``DIR/manifest.csv`` (``id, image, text, patient_id, split, mask``) for the trainer's
 ``manifest`` source.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,6 +329,7 @@ def generate(
             rows = list(pool.map(_one, jobs, chunksize=16))
     else:
         rows = [_one(j) for j in jobs]
+    (out / "labels.json").write_text(json.dumps({"background": 0, **KIND_LABELS}, indent=1) + "\n")  # the masks' key
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

@@ -250,7 +250,7 @@ PHRASES: dict[str, list[str]] = {
     "pneumothorax": ["pneumothorax", "collapsed lung with pleural air", "apical pneumothorax", "pleural air"],
     "atelectasis": ["atelectasis", "plate-like atelectasis", "subsegmental atelectasis", "volume loss"],
     "pleural thickening": ["pleural thickening", "thickened pleura", "apical pleural thickening", "pleural scarring"],
-    "emphysema": ["emphysema", "hyperinflated lungs", "hyperlucent lungs", "emphysematous change"],
+    "emphysema": ["emphysema", "hyperinflation", "hyperlucency", "emphysematous change"],
     "calcification": ["calcification", "calcified granuloma", "calcified nodule", "dense calcific focus"],
     "fibrosis": ["fibrosis", "pulmonary fibrosis", "reticular opacities", "interstitial fibrosis"],
     "diffuse nodule": ["diffuse nodules", "multiple small nodules", "miliary nodules", "diffuse nodular pattern"],
@@ -266,8 +266,8 @@ SENTENCES: dict[str, list[str]] = {
     "pleural thickening": ["{Side} {phrase}.", "There is {side} {phrase}.", "{Phrase} on the {side}."],
     "emphysema": ["{Phrase}.", "There is {phrase}.", "The lungs show {phrase}."],
     "calcification": ["{Side} lung {phrase}.", "A {phrase} in the {side} lung.", "There is a {side} {phrase}."],
-    "fibrosis": ["Bibasilar {phrase}.", "{Phrase} at both bases.", "There is {phrase}."],
-    "diffuse nodule": ["{Phrase} in both lungs.", "There are {phrase}.", "{Phrase} throughout both lungs."],
+    "fibrosis": ["Bibasilar {phrase}.", "{Phrase} at both bases.", "{Phrase} at the lung bases."],
+    "diffuse nodule": ["{Phrase} in both lungs.", "{Phrase} throughout both lungs.", "Bilateral {phrase}."],
     "edema": ["{Phrase}.", "There is {phrase}.", "Bilateral {phrase}."],
 }
 """Report sentence templates: ``{side}``/``{Side}`` and ``{phrase}``/``{Phrase}`` are filled in."""
