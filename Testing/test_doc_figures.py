@@ -433,7 +433,7 @@ FIGURES += [
     (RES_MD, "was below it at k = 5 (0.324)", "0.324", H510, "summary/0/finetune_dice/0", 1),
     *cells(
         RES_MD,
-        "| heatmap > 0.3, the model threshold (56 images) | 0.376 |",
+        "| heatmap > 0.3, the model threshold then (56 images) | 0.376 |",
         CEIL,
         None,
         "images",
