@@ -57,7 +57,7 @@ def _localize(model_dir, image, out, *extra) -> list[str]:
 
 
 # --- the lock ----------------------------------------------------------------------------------------
-def test_second_writer_is_refused_naming_the_holders_pid_and_waits_when_asked(tmp_path):
+def test_second_writer_is_refused_naming_the_holders_pid_and_waits_when_asked(tmp_path, capsys):
     folder = tmp_path / "run"
     proc = _holder(folder, 1.5)
     try:
@@ -69,6 +69,8 @@ def test_second_writer_is_refused_naming_the_holders_pid_and_waits_when_asked(tm
             waited = time.monotonic() - start
             assert holder(folder) == f"PID {os.getpid()} (afloc second)"
         assert waited > 0.3  # it blocked until the holder let go
+        # and said once why nothing happened meanwhile
+        assert capsys.readouterr().err.count(f"{folder}: waiting for PID {proc.pid} (afloc test-holder)") == 1
     finally:
         proc.kill()
         proc.wait()

@@ -118,13 +118,18 @@ def folder_lock(
         raise AFLocError(f"cannot write here ({err.strerror})", folder) from None
     try:
         start = time.monotonic()
+        waiting = False
+        named = folder if guarded is None else guarded
         while not _try_lock(fd):
+            who = holder(folder, lock_name)
             if not wait or (timeout_s is not None and time.monotonic() - start > timeout_s):
-                who = holder(folder, lock_name) or "another process"
+                holder_note = f" ({who})" if who else ""
                 raise FolderLockedError(
-                    f"in use by another afloc process ({who}); wait for it to finish or pass --wait",
-                    folder if guarded is None else guarded,
+                    f"in use by another afloc process{holder_note}; wait for it to finish or pass --wait", named
                 )
+            if not waiting:  # say once why nothing happens
+                print(f"afloc: {named}: waiting for {who or 'another process'} to finish", file=sys.stderr)
+                waiting = True
             time.sleep(poll_s)
         note = f"PID {os.getpid()} ({command})".encode()
         try:
