@@ -349,7 +349,8 @@ def test_localize_reports_specificity_per_prompt(tiny_model, tiny_afloc, tmp_pat
         assert bool(entry["specificity_warning"]) == bool(spec.warning)
         assert f'"{entry["prompt"]}": specificity {entry["specificity"]:.2f}' in err
         if entry["specificity_warning"]:
-            assert f"WARNING: {image}: {entry['specificity_warning']}" in err
+            assert f"    WARNING: {entry['specificity_warning']}" in err
+    assert err.count(f"{image}: prompt specificity") == 1  # the input named once, not on every line
     # one prompt: nothing to compare with
     assert main([*args[:-4], "--out", str(tmp_path / "one"), "--progress", "none", "--prompt", prompts[0]]) == 0
     one = json.loads(next((tmp_path / "one").glob("*/results.json")).read_text())["prompts"][0]

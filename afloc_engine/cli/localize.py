@@ -123,6 +123,19 @@ def _slice_progress(path: Path):  # noqa: ANN202 (a callback)
     return report
 
 
+def _print_specificity(path: Path, specs: list) -> None:  # list[PromptSpecificity]
+    """Per prompt, its specificity (``afloc_engine.specificity``; also in results.json) under one line naming
+    the input, and its warning indented below it."""
+    print(f"afloc localize: {path}: prompt specificity (0: the other prompts' map, 1: unrelated to it):",
+          file=sys.stderr)  # fmt: skip
+    for spec in specs:
+        alone = "n/a (one prompt)" if len(specs) == 1 else "n/a"
+        score = alone if spec.specificity is None else f"{spec.specificity:.2f}"
+        print(f'  "{spec.prompt}": specificity {score}', file=sys.stderr)
+        if spec.warning:
+            print(f"    WARNING: {spec.warning}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """One writer per output folder (its lock held throughout); earlier results kept unless ``--overwrite``."""
     from afloc_engine.checkpoint import clean_leftovers
@@ -214,13 +227,7 @@ def _run(args: argparse.Namespace) -> int:
                 overlay=not args.no_overlay,
                 dicom_seg_source=seg_source,
             )
-            specs = result.specificity()  # per prompt: afloc_engine.specificity (also in results.json)
-            for spec in specs:
-                alone = "n/a (one prompt)" if len(specs) == 1 else "n/a"
-                score = alone if spec.specificity is None else f"{spec.specificity:.2f}"
-                print(f'afloc localize: {path}: "{spec.prompt}": specificity {score}', file=sys.stderr)
-                if spec.warning:
-                    print(f"afloc localize: WARNING: {path}: {spec.warning}", file=sys.stderr)
+            _print_specificity(path, result.specificity())
             written.append(str(out_dir))
             progress.update(1, message=str(path), output=str(out_dir))
     usage = None
