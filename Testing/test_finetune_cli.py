@@ -250,6 +250,7 @@ def test_weight_0_is_said_in_results_json_and_on_the_overlay(tiny_afloc, tmp_pat
     assert summary["adapter"]["zero_shot_fallback"] is True and summary["adapter"]["prompts"] == prompts[:1]
     assert adapter_note(summary["adapter"], short=True) == "adapter w=0: zero-shot"
     assert "weight 0, zero-shot map kept (the leave-one-out fits" in adapter_note(summary["adapter"])
+    assert adapter_note(summary["adapter"]).count("zero-shot map") == 1  # said once, not twice in one line
     # without an adapter, results.json has no adapter entry
     write_results(tiny_afloc.localize(image, prompts), tmp_path / "plain")
     assert "adapter" not in json.loads((tmp_path / "plain" / "results.json").read_text())

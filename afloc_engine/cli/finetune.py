@@ -150,11 +150,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         for warning in m.get("warnings", []):
             print(f"afloc finetune: warning: {warning}", file=sys.stderr)
-        print(
-            f"afloc finetune: adapter written (correction weight {adapter.config.blend:g}); apply it with "
-            f"afloc localize IMAGE --prompt {shlex.quote(adapter.prompts[0])} --adapter {shlex.quote(str(path))}",
-            file=sys.stderr,
-        )
+        apply = f"afloc localize IMAGE --prompt {shlex.quote(adapter.prompts[0])} --adapter {shlex.quote(str(path))}"
+        reason = fallback_reason(adapter)
+        if reason is None:
+            note = f"adapter written (correction weight {adapter.config.blend:g}); apply it with {apply}"
+        else:
+            note = f"adapter written with weight 0: it keeps the zero-shot map, as {reason}"
+        print(f"afloc finetune: {note}", file=sys.stderr)
         print(path)
     return 0
 

@@ -529,7 +529,8 @@ def resolve_adapter(path: str | Path, prompts: Sequence[str] | None = None, base
 
 def fallback_reason(adapter: Adapter) -> str | None:
     """Why the adapter leaves the zero-shot heatmap unchanged (its weight ``blend`` is 0), or None when it
-    does not: a plain sentence for results.json, the CLI and the Slicer log."""
+    does not: a plain clause for results.json, the CLI and the Slicer log (that the zero-shot map is kept is
+    said beside it: ``zero_shot_fallback``)."""
     if adapter.config.blend != 0:
         return None
     validation = adapter.metrics.get("validation") or {}
@@ -541,9 +542,9 @@ def fallback_reason(adapter: Adapter) -> str | None:
         return (
             "the leave-one-out fits did not beat the zero-shot heatmap on their left-out examples"
             + detail
-            + ": the adapter keeps the zero-shot map (weight 0); more or more representative masks may help"
+            + "; more or more representative masks may help"
         )
-    return "the adapter's correction weight is 0: it keeps the zero-shot map"
+    return "its correction weight was set to 0"
 
 
 def adapter_usage(adapter: Adapter, prompts: Sequence[str]) -> dict[str, Any]:
