@@ -201,7 +201,8 @@ def pretrain(
         name="grounded-synthetic",
         version=time.strftime("%Y.%m.%d"),
         trained=True,
-        description=f"grounded pre-training on {len(data)} synthetic images ({recipe}), {epochs} epochs"
+        description=f"grounded pre-training on {len(data)} synthetic images ({recipe}), {epochs} epoch"
+        + ("s" if epochs != 1 else "")
         + (f", from {init}" if init is not None else ""),
         extra={"stage": "grounded-synthetic", "recipe": recipe, "seconds": round(time.time() - start)},
     )

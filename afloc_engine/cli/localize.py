@@ -26,12 +26,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(for 3-channel models trained on those images; the default model knows chest radiographs only)",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per input)")
-    parser.add_argument("--threshold", type=float, default=None, help="mask threshold on the [-1, 1] heatmap")
-    parser.add_argument("--similarity", choices=("cosine", "dot"), default=None)
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="mask threshold on the [-1, 1] heatmap (default: the model's own)"
+    )
+    parser.add_argument(
+        "--similarity",
+        choices=("cosine", "dot"),
+        default=None,
+        help="patch-prompt similarity (default: the model's own; cosine for engine models, dot for converted ones)",
+    )
     parser.add_argument("--no-overlay", action="store_true", help="skip the overlay PNG")
     parser.add_argument("--dicom-seg", action="store_true", help="for DICOM inputs, also write a DICOM SEG (highdicom)")
     parser.add_argument("--axis", type=int, default=0, help="for volumes: slice axis in (Z, Y, X) array order")
-    parser.add_argument("--volume-normalization", choices=("volume", "slice"), default="volume")
+    parser.add_argument(
+        "--volume-normalization",
+        choices=("volume", "slice"),
+        default="volume",
+        help="for volumes: min-max the heatmaps over the whole volume (default) or slice by slice",
+    )
     parser.add_argument(
         "--window",
         default="auto",
