@@ -174,3 +174,26 @@ def test_a_short_grounded_run_trains_and_too_few_images_is_one_line(synthetic_se
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no full batch of 64" in err[0]
     assert not (tmp_path / "none").exists()
+
+
+def test_strong_augmentation_mirrors_image_and_labels_together():
+    """``--augment strong`` flips half the chests left-right (so a finding's usual side stops telling which
+    finding it is); the label map always moves with the image."""
+    import random
+
+    from training.grounded import AUGMENTATIONS, _random_affine
+
+    image = torch.zeros(1, 16, 16)
+    image[0, :, :3] = 1.0  # a bright band at the image's left edge
+    labels = (image * 3).round()
+    random.seed(0)
+    flipped = 0
+    for _ in range(40):
+        warped, warped_labels = _random_affine(image, labels, AUGMENTATIONS["strong"])
+        on_labels, on_pixels = warped_labels > 0, warped > 0.5
+        overlap = (on_labels & on_pixels).sum() / max(1, int((on_labels | on_pixels).sum()))
+        assert overlap > 0.7  # the labels follow the pixels (nearest vs bilinear differ at the edges)
+        flipped += bool(warped[0, :, 8:].sum() > warped[0, :, :8].sum())
+    assert 10 <= flipped <= 30
+    standard = [_random_affine(image, labels)[0] for _ in range(20)]
+    assert all(w[0, :, :8].sum() > w[0, :, 8:].sum() for w in standard)  # never mirrored

@@ -49,7 +49,9 @@ class GroundedSynthetic(torch.utils.data.Dataset):
     Item: image (1, S, S) float in the engine's normalisation, labels (S, S) long.
     """
 
-    def __init__(self, manifest: Path, size: int, mean: float = 0.5, std: float = 0.5, augment: bool = True) -> None:
+    def __init__(
+        self, manifest: Path, size: int, mean: float = 0.5, std: float = 0.5, augment: bool | str = True
+    ) -> None:
         root = manifest.parent
         self.rows = [(root / r["image"], root / r["mask"]) for r in csv.DictReader(manifest.open()) if r.get("mask")]
         if not self.rows:
@@ -69,19 +71,32 @@ class GroundedSynthetic(torch.utils.data.Dataset):
         small = F.interpolate(labels[None, None], size=(box.resized_height, box.resized_width), mode="nearest")[0]
         lab[:, box.top : box.top + box.resized_height, box.left : box.left + box.resized_width] = small
         if self.augment:
-            image, lab = _random_affine(image, lab)
+            image, lab = _random_affine(image, lab, AUGMENTATIONS["strong" if self.augment == "strong" else "standard"])
             image = image.clamp(0, 1) ** random.uniform(0.8, 1.25)
         return (image - self.mean) / self.std, lab[0].round().long()
 
 
-def _random_affine(image: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    angle = math.radians(random.uniform(-7, 7))
-    scale = random.uniform(0.9, 1.1)
-    tx, ty = random.uniform(-0.06, 0.06), random.uniform(-0.06, 0.06)
+AUGMENTATIONS = {
+    # name: (max rotation in degrees, scale range, max shift as a fraction of the side, horizontal flip)
+    "standard": (7.0, (0.9, 1.1), 0.06, False),
+    "strong": (12.0, (0.75, 1.25), 0.2, True),
+}
+"""Random affine of the grounded images: ``strong`` moves and mirrors the chest so much that where a
+finding usually sits no longer tells which finding it is: the map must follow what the image shows."""
+
+
+def _random_affine(
+    image: torch.Tensor, labels: torch.Tensor, setting: tuple = AUGMENTATIONS["standard"]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    degrees, (s_lo, s_hi), shift, flip = setting
+    angle = math.radians(random.uniform(-degrees, degrees))
+    scale = random.uniform(s_lo, s_hi)
+    tx, ty = random.uniform(-shift, shift), random.uniform(-shift, shift)
+    mirror = -1.0 if flip and random.random() < 0.5 else 1.0
     theta = torch.tensor(
         [
-            [math.cos(angle) / scale, -math.sin(angle) / scale, tx],
-            [math.sin(angle) / scale, math.cos(angle) / scale, ty],
+            [mirror * math.cos(angle) / scale, -math.sin(angle) / scale, tx],
+            [mirror * math.sin(angle) / scale, math.cos(angle) / scale, ty],
         ]
     )[None]
     grid = F.affine_grid(theta, (1, 1, *image.shape[-2:]), align_corners=False)
@@ -148,6 +163,7 @@ def pretrain(
     progress: str = "bar",
     recipe: str = "lesions",
     init: Path | None = None,
+    augment: str = "standard",
 ) -> Path:
     """Train ``config``'s model on the grounded losses of ``recipe``'s kinds (:data:`RECIPES`); write an
     engine model folder to ``out``. ``init``: start from this model folder's weights and config
@@ -169,7 +185,7 @@ def pretrain(
     bias = torch.nn.Parameter(torch.tensor(-4.0, device=device))
     params = [p for p in model.parameters() if p.requires_grad] + [scale, bias]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    data = GroundedSynthetic(manifest, config.image_size, config.intensity_mean, config.intensity_std)
+    data = GroundedSynthetic(manifest, config.image_size, config.intensity_mean, config.intensity_std, augment)
     loader = torch.utils.data.DataLoader(
         data, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers, persistent_workers=workers > 0
     )
@@ -225,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
     parser.add_argument("--recipe", choices=RECIPES, default="lesions", help="the kinds the synthetic set holds")
+    parser.add_argument("--augment", choices=tuple(AUGMENTATIONS), default="standard", help="random affine strength")
     parser.add_argument("--init", type=Path, help="start from this model folder (its config) instead of a fresh model")
     args = parser.parse_args(argv)
     import yaml
@@ -245,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             args.progress,
             args.recipe,
             args.init,
+            args.augment,
         )
     except ValueError as err:  # bad input: one line, exit 2
         print(f"training.grounded: error: {err}", file=sys.stderr)
