@@ -113,8 +113,9 @@ def test_no_library_log_noise_on_the_terminal(cli_run):
     )  # noqa: E501
     for line in done.stderr.splitlines():
         assert not any(word in line for word in noise), line
-        # every line is the engine's own: the command's prefix or a logged warning naming the file
-        assert line.startswith(("afloc localize:", "WARNING: ")), line
+        # every line is the engine's own: the command's prefix, a logged warning naming the file, or a
+        # prompt's specificity (indented, with its warning) under the line naming the input
+        assert line.startswith(("afloc localize:", "WARNING: ", '  "', "    WARNING: ")), line
 
 
 def test_specificity_of_large_maps_is_computed_on_a_subsample_with_the_same_result(monkeypatch):
