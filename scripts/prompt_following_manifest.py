@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import sys
 from pathlib import Path
 
 from afloc_engine.evaluation.datasets import heldout_part
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--backgrounds-out", type=Path, help="also list the No-Finding NIH images (one per line)")
+    parser.add_argument("--summary", type=Path, help="also write the counts (pairs per source, left out) as JSON")
     args = parser.parse_args(argv)
     normal: list[str] = []
     rows: list[list[str]] = []
@@ -69,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         w.writerow(["id", "image", "text", "patient_id", "split"])
         w.writerows(rows)
     print(f"{args.out}: {n_nih} NIH + {len(rows) - n_nih} TBX11K pairs; left out: {left}")
+    if args.summary is not None:
+        counts = {"nih_pairs": n_nih, "tbx11k_pairs": len(rows) - n_nih, "pairs": len(rows), "left_out": left}
+        counts["nih_no_finding_backgrounds"] = len(normal)
+        args.summary.parent.mkdir(parents=True, exist_ok=True)
+        args.summary.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), **counts}, indent=1) + "\n")
     if args.backgrounds_out is not None:
         args.backgrounds_out.parent.mkdir(parents=True, exist_ok=True)
         args.backgrounds_out.write_text("".join(f"{path}\n" for path in normal))
