@@ -118,14 +118,24 @@ def _wall_band(lung: np.ndarray, side: str, width: float, rows: np.ndarray) -> n
     return band & has[:, None] & rows[:, None]
 
 
+def _rows(lung: np.ndarray, start: float, end: float) -> np.ndarray:
+    """(H,) bool: the rows from ``start`` to ``end`` of the lung's height (fractions, 0 = its apex)."""
+    top, bottom, _, _ = _extent(lung)
+    y = np.arange(lung.shape[0])
+    return (y >= top + start * (bottom - top)) & (y <= top + end * (bottom - top))
+
+
+def _apex_cap(lung: np.ndarray, depth: float) -> np.ndarray:
+    """The lung's pixels within ``depth`` px below its apex."""
+    top = _extent(lung)[0]
+    return lung & (np.arange(lung.shape[0])[:, None] <= top + depth)
+
+
 def pneumothorax(image: np.ndarray, fields: np.ndarray, side: str, rng: np.random.Generator) -> np.ndarray:
     h, w = image.shape
     lung = _side_fields(fields, side)
-    top, bottom, _, _ = _extent(lung)
     depth = rng.uniform(0.03, 0.08) * w
-    y = np.arange(h)
-    rim = _wall_band(lung, side, depth, y <= top + rng.uniform(0.45, 0.75) * (bottom - top))
-    rim |= lung & (y[:, None] <= top + depth)  # over the apex
+    rim = _wall_band(lung, side, depth, _rows(lung, 0.0, rng.uniform(0.45, 0.75))) | _apex_cap(lung, depth)
     _lucent(image, _soft(rim, 0.004 * h), rng.uniform(0.25, 0.45), flatten=0.9)
     line = ndimage.binary_dilation(rim, iterations=max(1, int(0.006 * w))) & lung & ~rim
     _densify(image, _soft(line, 0.5), rng.uniform(0.15, 0.3))
@@ -152,15 +162,12 @@ def atelectasis(image: np.ndarray, fields: np.ndarray, side: str, rng: np.random
 def pleural_thickening(image: np.ndarray, fields: np.ndarray, side: str, rng: np.random.Generator) -> np.ndarray:
     h, w = image.shape
     lung = _side_fields(fields, side)
-    top, bottom, _, _ = _extent(lung)
     thickness = rng.uniform(0.01, 0.025) * w
-    y = np.arange(h)
     if rng.random() < 0.35:  # an apical cap
-        band = lung & (y[:, None] <= top + thickness)
-        band |= _wall_band(lung, side, thickness, y <= top + 0.18 * (bottom - top))
+        band = _apex_cap(lung, thickness) | _wall_band(lung, side, thickness, _rows(lung, 0.0, 0.18))
     else:  # along the lateral wall
-        start = top + rng.uniform(0.1, 0.5) * (bottom - top)
-        band = _wall_band(lung, side, thickness, (y >= start) & (y <= start + rng.uniform(0.3, 0.5) * (bottom - top)))
+        start = rng.uniform(0.1, 0.5)
+        band = _wall_band(lung, side, thickness, _rows(lung, start, start + rng.uniform(0.3, 0.5)))
     _densify(image, _soft(band, 0.003 * h), rng.uniform(0.3, 0.5))
     return band
 
