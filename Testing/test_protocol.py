@@ -69,3 +69,18 @@ def test_finding_codes() -> None:
     assert protocol.finding_code("Pleural_effusion") == ("SCT", "60046008", "Pleural effusion")
     scheme, code, meaning = protocol.finding_code("ground glass opacity")
     assert (scheme, code, meaning) == ("99AFLOC", "ground-glass-opa", "ground glass opacity")
+
+
+def test_a_line_said_during_a_bar_is_not_glued_to_it(capsys) -> None:
+    """A fresh user saw 'localize:   0%|…|afloc localize: …': lines go above the bar, each on its own."""
+    import sys
+
+    from afloc_engine.progress import Progress
+
+    with Progress(2, "bar", desc="localize", stream=sys.stderr) as progress:
+        progress.update(1)
+        progress.say("afloc localize: one line")
+        progress.update(1)
+    lines = capsys.readouterr().err.split("\n")
+    said = [line for line in lines if "one line" in line]
+    assert len(said) == 1 and said[0].split("\r")[-1] == "afloc localize: one line"

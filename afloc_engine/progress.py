@@ -58,6 +58,13 @@ class Progress:
                 **fields,
             )
 
+    def say(self, line: str) -> None:
+        """One line for people on stderr, above the bar (which is redrawn below it) rather than glued to it."""
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

@@ -6,6 +6,7 @@ import argparse
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from afloc_engine import protocol
@@ -135,17 +136,16 @@ def _slice_progress(path: Path):  # noqa: ANN202 (a callback)
     return report
 
 
-def _print_specificity(path: Path, specs: list) -> None:  # list[PromptSpecificity]
+def _print_specificity(path: Path, specs: list, say: Callable[[str], None]) -> None:  # list[PromptSpecificity]
     """Per prompt, its specificity (``afloc_engine.specificity``; also in results.json) under one line naming
-    the input, and its warning indented below it."""
-    print(f"afloc localize: {path}: prompt specificity (0: the other prompts' map, 1: unrelated to it):",
-          file=sys.stderr)  # fmt: skip
+    the input, and its warning indented below it; ``say`` writes a line (above the progress bar)."""
+    say(f"afloc localize: {path}: prompt specificity (0: the other prompts' map, 1: unrelated to it):")
     for spec in specs:
         alone = "n/a (one prompt)" if len(specs) == 1 else "n/a"
         score = alone if spec.specificity is None else f"{spec.specificity:.2f}"
-        print(f'  "{spec.prompt}": specificity {score}', file=sys.stderr)
+        say(f'  "{spec.prompt}": specificity {score}')
         if spec.warning:
-            print(f"    WARNING: {spec.warning}", file=sys.stderr)
+            say(f"    WARNING: {spec.warning}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,7 +239,7 @@ def _run(args: argparse.Namespace) -> int:
                 overlay=not args.no_overlay,
                 dicom_seg_source=seg_source,
             )
-            _print_specificity(path, result.specificity())
+            _print_specificity(path, result.specificity(), progress.say)
             written.append(str(out_dir))
             progress.update(1, message=str(path), output=str(out_dir))
     usage = None
