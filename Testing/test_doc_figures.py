@@ -1285,6 +1285,19 @@ FIGURES += [
     (CARD, "`benchmarks/results/threshold_calibration.json`, 39 s on 2 CPU cores)", "39", CALIB, "seconds", 1),
 ]
 
+# docs/slicer.md: the warm engine's image and the mask threshold
+FIGURES += [
+    *cells(
+        SLICER,
+        "(RG3_UNCR.dcm, 1760 × 1760, after RG1_UNCR.dcm)",
+        WARM,
+        "warm/second/size/0",
+        "warm/second/size/1",
+    ),
+    (SLICER, "(the default model's 0.64 is calibrated", "0.64", CONFIG, "model/threshold", 1),
+    (SLICER, "(the default model's 0.64 is calibrated", "0.64", CALIB, "recommended", 1),
+]
+
 # the model card and README repeat rows of docs/results.md word for word: those figures are checked there too
 _PAGE_TEXT = {page: (REPO / page).read_text() for page in (CARD, R)}
 _SEEN = {(row[0], row[1], row[2], row[4]) for row in FIGURES}
@@ -1835,6 +1848,28 @@ def images_of(source: str) -> int:
 
 # the model card: the NIH AUROC row's image count
 DERIVED += [(CARD, "(simple prompts, 923 images)", "923", lambda: images_of(NIH))]
+
+# docs/slicer.md: the warm second click's export and import, the later warm clicks' range
+DERIVED += [
+    (
+        SLICER,
+        "0.60 s; export and import 0.25 s)",
+        "0.25",
+        gap(WARM, "warm/second/seconds", WARM, "warm/second/engine_seconds"),
+    ),
+    (
+        SLICER,
+        "took 0.84 to 1.21 s (median 0.85 s)",
+        "0.84",
+        lambda: min(lookup(load(WARM), "warm/later_clicks_seconds")),
+    ),
+    (
+        SLICER,
+        "took 0.84 to 1.21 s (median 0.85 s)",
+        "1.21",
+        lambda: max(lookup(load(WARM), "warm/later_clicks_seconds")),
+    ),
+]
 
 
 @pytest.mark.parametrize(
