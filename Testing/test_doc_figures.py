@@ -1298,6 +1298,19 @@ FIGURES += [
     (SLICER, "(the default model's 0.64 is calibrated", "0.64", CALIB, "recommended", 1),
 ]
 
+# README: the engine benchmark's radiograph and the machine of the end-to-end run
+FIGURES += [
+    *cells(
+        R,
+        "`localize` RG1_UNCR.dcm (1955 × 1841) with 13 prompts",
+        ENGINE_CPU,
+        "cold_start/image_shape/0",
+        "cold_start/image_shape/1",
+        None,  # 13 prompts: the benchmark's setting
+    ),
+    (R, "`--preset cxr` prompts, on the same 2 cores:", "2", CLI, "machine/cpu_cores", 1),
+]
+
 # the model card and README repeat rows of docs/results.md word for word: those figures are checked there too
 _PAGE_TEXT = {page: (REPO / page).read_text() for page in (CARD, R)}
 _SEEN = {(row[0], row[1], row[2], row[4]) for row in FIGURES}
@@ -1848,6 +1861,11 @@ def images_of(source: str) -> int:
 
 # the model card: the NIH AUROC row's image count
 DERIVED += [(CARD, "(simple prompts, 923 images)", "923", lambda: images_of(NIH))]
+
+# README: the H100 run's CPU threads (engine_gpu.json names its machine in one string)
+DERIVED += [
+    (R, "16 CPU threads, torch 2.11)", "16", lambda: int(re.search(r"(\d+) threads", load(ENGINE_GPU)["machine"])[1])),
+]
 
 # docs/slicer.md: the warm second click's export and import, the later warm clicks' range
 DERIVED += [
