@@ -1156,6 +1156,7 @@ FIGURES += [
         f"{kind('default', CO, 'precise')}/auroc/value",
     ),
     (CARD, "(consolidation AUROC 0.51)", "0.51", EVAL, f"{kind('default', CO)}/auroc/value", 1),
+    (CARD, "IoU is\n  near 0 (worst cases in", "0", EVAL, "cases/ground_glass_opacity/worst/0/iou", 1),
     *cells(
         CARD,
         "ground-glass AUROC on dev, 0.28 [0.18, 0.39], rests on 2",
