@@ -369,3 +369,19 @@ def test_large_maps_and_volumes():
     out = assess(volume, ["one", "two"])
     assert out[0].specificity == pytest.approx(1 - np.corrcoef(a[:64, :64].ravel(), b[:64, :64].ravel())[0, 1])
     assert out[0].lung_correlation is None
+
+
+def test_writing_results_and_showing_them_assess_each_image_once(tiny_afloc, tmp_path, monkeypatch):
+    """results.json and the CLI summary show the same scores: the maps are assessed once per image (the
+    copy write_results makes for the written masks used to drop the cache and assess them again)."""
+    import afloc_engine.specificity as specificity
+    from afloc_engine.outputs import write_results
+
+    calls = []
+    original = specificity.assess
+    monkeypatch.setattr(specificity, "assess", lambda *a, **k: calls.append(1) or original(*a, **k))
+    image = np.random.default_rng(0).uniform(0, 255, (40, 48)).astype(np.float32)
+    result = tiny_afloc.localize(image, ["Findings suggesting edema", "Findings suggesting pneumonia"])
+    write_results(result, tmp_path / "out")
+    assert [s.prompt for s in result.specificity()] == result.prompts
+    assert len(calls) == 1

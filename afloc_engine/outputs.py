@@ -289,8 +289,9 @@ def write_results(
         heat_files = [f"heatmap_{name}.nrrd" for name in names]
         files: dict[str, Any] = {"heatmaps": heat_files, "segmentation": "masks.seg.nrrd"}
         masks = _write_heatmaps(result.image, result.heatmaps, [tmp / f for f in heat_files], result.threshold)
+        specificity = result.specificity()  # before the copy below: cached on the caller's result, which shows it too
         if dataclasses.is_dataclass(result):
-            result = dataclasses.replace(result, masks=masks)  # the masks of the heatmaps as written
+            result = dataclasses.replace(result, masks=masks)  # the masks of the heatmaps as written (DICOM SEG)
         write_segmentation(result.image, masks, list(result.prompts), tmp / files["segmentation"])
         adapter = getattr(result, "adapter", None)  # which few-shot adapter changed which prompts (or None)
         if overlay:
@@ -331,7 +332,7 @@ def write_results(
                     result.negative_prompts,
                     result.probabilities,
                     masks,
-                    result.specificity(),
+                    specificity,
                 )
             ],
             "heatmap_value_step": HEATMAP_STEP,
