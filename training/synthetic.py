@@ -255,8 +255,6 @@ def _synthesize_all(
     contradicted = {"effusion": "effusion", "pneumothorax": "pneumothorax", "cardiomegaly": "Heart"}
     kept = [s for s in report.split(". ") if s and not any(k in chosen and w in s for k, w in contradicted.items())]
     kept = [s if s.endswith(".") else s + "." for s in kept]
-    if chosen and not lesions:
-        kept = [s for s in kept if "clear" not in s]
     order = kept + sentences
     rng.shuffle(order)
     return (image * 255).round().astype(np.uint8), labels, " ".join(order) or "The lungs are clear."
