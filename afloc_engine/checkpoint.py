@@ -345,20 +345,30 @@ def apply_state(model: AFLocModel, state: dict[str, torch.Tensor], include_text:
 
 
 def load_model_folder(
-    folder: str | Path, expected_sha256: str | None = None, text_model_dir: str | Path | None = None
+    folder: str | Path,
+    expected_sha256: str | None = None,
+    text_model_dir: str | Path | None = None,
+    lazy_text: bool = False,
 ) -> tuple[AFLocModel, ModelInfo]:
-    """Build the model a folder describes and load its weights (eval mode, CPU)."""
+    """Build the model a folder describes and load its weights (eval mode, CPU).
+
+    ``lazy_text``: for inference; when the text transformer's weights come from the installed package
+    (not the checkpoint), it is read only when a text is first encoded.
+    """
     folder = Path(folder)
     config, info = read_config(folder)
     state, digest = load_weights(folder, expected_sha256)
     bundled = folder / config.text_model  # a text model kept inside the folder (afloc convert-reference)
     if text_model_dir is None and not Path(config.text_model).is_absolute() and (bundled / "config.json").is_file():
         text_model_dir = bundled
+    text_in_checkpoint = info.text_weights == "checkpoint"
     # every weight comes from the file: skip fetching ImageNet weights for the backbone's init
-    model = AFLocModel(config.replace(pretrained_backbone=False), text_model_dir)
+    model = AFLocModel(
+        config.replace(pretrained_backbone=False), text_model_dir, lazy_text=lazy_text and not text_in_checkpoint
+    )
     model.config = config
     model.image_encoder.config = config
-    apply_state(model, state, info.text_weights == "checkpoint", folder / WEIGHTS_FILE)
+    apply_state(model, state, text_in_checkpoint, folder / WEIGHTS_FILE)
     info.sha256 = digest
     model.eval()
     return model, info

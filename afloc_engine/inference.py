@@ -101,6 +101,15 @@ class AFLoc:
                 self._prompt_cache[p] = emb
         return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
 
+    def add_prompt_embeddings(self, embeddings: dict[str, torch.Tensor]) -> None:
+        """Cache known (D,) report embeddings by prompt (a model's prompt table); D must be ``embed_dim``."""
+        for prompt, embedding in embeddings.items():
+            if tuple(embedding.shape) != (self.config.embed_dim,):
+                raise ValueError(
+                    f"embedding of {prompt!r} has shape {tuple(embedding.shape)}, not ({self.config.embed_dim},)"
+                )
+            self._prompt_cache[prompt] = embedding.float().cpu()
+
     # --- images ------------------------------------------------------------------------------
     def prepare(self, image: ImageData) -> tuple[torch.Tensor, Letterbox]:
         """(C, S, S) network input and the letterbox of one 2D image."""
@@ -237,7 +246,10 @@ def load_model(name_or_path: str | Path = "default", device: str | torch.device 
 
     The default model ships inside the package. If its weights are absent, a randomly
     initialised model is returned with a loud warning; ``result.trained`` is then False.
+    The folder's prompt table (:mod:`afloc_engine.prompt_table`) fills the prompt cache; the text
+    transformer is read only when a prompt outside it is first encoded.
     """
+    from afloc_engine.prompt_table import read_prompt_table, text_model_identity
     from afloc_engine.registry import models_dir, resolve_model
 
     folder, expected_sha = resolve_model(str(name_or_path))
@@ -245,12 +257,16 @@ def load_model(name_or_path: str | Path = "default", device: str | torch.device 
         warnings.warn(UNTRAINED_WARNING, UntrainedModelWarning, stacklevel=2)
         log.warning(UNTRAINED_WARNING)
         return AFLoc(untrained_default(), ModelInfo(name="default", version="untrained", trained=False), device)
-    model, info = load_model_folder(folder, expected_sha)
+    model, info = load_model_folder(folder, expected_sha, lazy_text=True)
     if str(name_or_path) == folder.name and folder.parent == models_dir():
         info.name = folder.name  # installed under its own --name: model_id (results, adapters) says that name
     if not info.trained:
         warnings.warn(untrained_warning(info.name, folder), UntrainedModelWarning, stacklevel=2)
-    return AFLoc(model, info, device)
+    engine = AFLoc(model, info, device)
+    engine.add_prompt_embeddings(
+        read_prompt_table(folder, info.sha256, text_model_identity(model.config.text_model, info))
+    )
+    return engine
 
 
 def untrained_default(config: AFLocConfig | None = None, seed: int = 0) -> AFLocModel:

@@ -158,13 +158,20 @@ def handle_error(
     return 2
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, own_process: bool = False) -> int:
+    """Run one ``afloc`` command line; returns the exit code.
+
+    ``own_process``: the process exists for this command (the console script), so process-wide
+    start-up settings may be made (:func:`import_monai_without_transformers`).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
+    if own_process and args.command in TEXT_TABLE_COMMANDS:
+        import_monai_without_transformers()
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except (AFLocError, OSError, MemoryError, RuntimeError, KeyboardInterrupt) as err:
@@ -175,6 +182,28 @@ STARTUP_GC_THRESHOLD = (10_000, 10, 10)
 """Collector thresholds of the ``afloc`` process (Python's default is (700, 10, 10)). Importing torch,
 transformers and MONAI creates millions of objects, and the default threshold runs ~1 s of full
 collections over them on 2 cores (``benchmarks/localize_cli.py``); cycles are still collected."""
+
+
+TEXT_TABLE_COMMANDS = frozenset({"localize", "info", "finetune", "serve"})
+"""Commands that load MONAI and, for prompts in the model's prompt table, no text model."""
+
+
+def import_monai_without_transformers() -> None:
+    """Import MONAI while transformers is hidden, when neither is loaded yet (a process of our own only).
+
+    MONAI's package import executes every sub-module, and ``monai.networks.nets.transchex`` imports
+    transformers' BERT through ``optional_import``: about 1.4 s of a cold ``afloc localize`` on 2 CPU
+    cores, for a network the engine never uses. With transformers hidden that optional import fails
+    and MONAI records it lazily (only ``Transchex`` would raise, on use); transformers itself imports
+    normally afterwards, when a prompt outside the model's prompt table needs the text model.
+    """
+    if "monai" in sys.modules or "transformers" in sys.modules:
+        return
+    sys.modules["transformers"] = None  # type: ignore[assignment]  # makes `import transformers` raise ImportError
+    try:
+        import monai  # noqa: F401
+    finally:
+        del sys.modules["transformers"]
 
 
 def console_main() -> int:
@@ -188,7 +217,7 @@ def console_main() -> int:
 
     gc.set_threshold(*STARTUP_GC_THRESHOLD)
     try:
-        return main()
+        return main(own_process=True)
     finally:
         gc.freeze()
 

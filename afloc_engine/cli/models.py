@@ -1,4 +1,5 @@
-"""``afloc models list [--json] | install URL_OR_PATH [--sha256 H] [--name N] | remove NAME | pack FOLDER ARCHIVE``."""
+"""``afloc models list [--json] | install URL_OR_PATH [--sha256 H] [--name N] | remove NAME | pack FOLDER ARCHIVE
+| prompt-table FOLDER``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from afloc_engine.locks import add_wait_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Sub-actions ``list``, ``install``, ``remove`` and ``pack`` of ``afloc models``."""
+    """Sub-actions ``list``, ``install``, ``remove``, ``pack`` and ``prompt-table`` of ``afloc models``."""
     actions = parser.add_subparsers(dest="models_action", metavar="ACTION")
     actions.required = True
     p_list = actions.add_parser("list", help="models shipped, installed and installable, with checksums")
@@ -32,6 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p_pack = actions.add_parser("pack", help="write a model folder as an installable .zip/.tar.gz; print its entry")
     p_pack.add_argument("folder", metavar="FOLDER")
     p_pack.add_argument("archive", metavar="ARCHIVE")
+    p_table = actions.add_parser(
+        "prompt-table",
+        help="store the preset prompts' embeddings in a model folder, so runs on presets skip the text model",
+    )
+    p_table.add_argument("folder", metavar="FOLDER")
+    p_table.add_argument(
+        "--prompt", action="append", default=[], help="also store this prompt (repeatable; it is cleaned as usual)"
+    )
 
 
 def _size(n: int) -> str:
@@ -129,4 +138,19 @@ def run(args: argparse.Namespace) -> int:
         entry = registry.pack(args.folder, args.archive)
         print(json.dumps(entry, indent=2))
         return 0
+    if args.models_action == "prompt-table":
+        return _prompt_table(args.folder, args.prompt)
     raise AssertionError(args.models_action)  # pragma: no cover (argparse enforces the choices)
+
+
+def _prompt_table(folder: str, extra: list[str]) -> int:
+    """Write ``folder``'s prompt table: every preset prompt, its negative and the ``--prompt`` ones."""
+    from afloc_engine.inference import load_model
+    from afloc_engine.prompt_table import preset_table_prompts, write_prompt_table
+    from afloc_engine.prompts import negative_prompt, validate_prompts
+
+    added = validate_prompts(extra) if extra else []
+    prompts = [*preset_table_prompts(), *added, *(negative_prompt(p) for p in added)]
+    path = write_prompt_table(load_model(folder, device="cpu"), folder, prompts)
+    print(f"wrote {path} ({len(dict.fromkeys(prompts))} prompts)")
+    return 0

@@ -14,13 +14,16 @@ from afloc_engine.models.text_encoder import TextEncoder, TextFeatures, Tokenize
 
 
 class AFLocModel(nn.Module):
-    """Image encoder + text encoder sharing an embedding of ``config.embed_dim``."""
+    """Image encoder + text encoder sharing an embedding of ``config.embed_dim``.
 
-    def __init__(self, config: AFLocConfig, text_model_dir: str | Path | None = None) -> None:
+    ``lazy_text``: the text transformer is read on first use (see :class:`TextEncoder`).
+    """
+
+    def __init__(self, config: AFLocConfig, text_model_dir: str | Path | None = None, lazy_text: bool = False) -> None:
         super().__init__()
         self.config = config
         self.image_encoder = ImageEncoder(config)
-        self.text_encoder = TextEncoder(config, text_model_dir)
+        self.text_encoder = TextEncoder(config, text_model_dir, lazy=lazy_text)
 
     def encode_images(self, images: torch.Tensor) -> ImageFeatures:
         """(B, C, H, W[, D]) normalised images -> :class:`ImageFeatures`."""

@@ -8,6 +8,7 @@ the mean of all its tokens. Special and padding tokens never enter a feature.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +87,37 @@ class TokenizedReports:
 
 
 class TextEncoder(nn.Module):
-    """Hugging Face encoder + a linear projection to D (the transformer's width may differ from D)."""
+    """Hugging Face encoder + a linear projection to D (the transformer's width may differ from D).
 
-    def __init__(self, config: AFLocConfig, model_dir: str | Path | None = None) -> None:
+    ``lazy=True`` (inference on a model whose text weights come from the installed package): only the
+    projection is built; the tokenizer and transformer are read from ``model_dir`` the first time a
+    text is encoded (:meth:`load_transformer`), so a run whose prompts are all in the model's prompt
+    table (:mod:`afloc_engine.prompt_table`) never imports transformers. Falls back to an eager load
+    when the folder's ``config.json`` gives no ``hidden_size``.
+    """
+
+    def __init__(self, config: AFLocConfig, model_dir: str | Path | None = None, lazy: bool = False) -> None:
         super().__init__()
+        self.config = config
+        self.model_dir = Path(model_dir) if model_dir is not None else resolve_text_model(config.text_model)
+        hidden = _hidden_size(self.model_dir) if lazy else None
+        if hidden is None:
+            self.load_transformer()
+            hidden = self.transformer.config.hidden_size
+        self.projection = nn.Linear(hidden, config.embed_dim)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the tokenizer and transformer are in memory."""
+        return "transformer" in self._modules
+
+    def load_transformer(self) -> None:
+        """Read the tokenizer and transformer from ``model_dir`` (once; on the projection's device).
+
+        Raises :class:`CheckpointError` if the folder holds no loadable model or no fast tokenizer.
+        """
+        if self.loaded:
+            return
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
@@ -97,22 +125,24 @@ class TextEncoder(nn.Module):
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        self.config = config
-        folder = Path(model_dir) if model_dir is not None else resolve_text_model(config.text_model)
+        folder = self.model_dir
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-            self.transformer = AutoModel.from_pretrained(str(folder), local_files_only=True).float()
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            transformer = AutoModel.from_pretrained(str(folder), local_files_only=True).float()
         except (OSError, ValueError) as err:
             raise CheckpointError(f"cannot load the text model: {err}", folder) from None
-        if not self.tokenizer.is_fast:
+        if not tokenizer.is_fast:
             raise CheckpointError("text model needs a fast tokenizer (tokenizer.json)", folder)
-        self.model_dir = folder
-        hidden = self.transformer.config.hidden_size
-        self.projection = nn.Linear(hidden, config.embed_dim)
+        projection = self._modules.get("projection")
+        if projection is not None:  # built lazily after the model moved: follow it
+            transformer = transformer.to(projection.weight.device)
+        self.tokenizer = tokenizer
+        self.transformer = transformer.train(self.training)
 
     # --- tokenisation ----------------------------------------------------------------------
     def tokenize(self, reports: list[str] | list[list[list[str]]]) -> TokenizedReports:
         """Tokenise reports (raw strings, or already split into sentences of words)."""
+        self.load_transformer()
         fold = getattr(self.config, "text_pooling", "engine") != "reference"  # the reference drops non-ASCII
         split = [split_sentences(r, fold_accents=fold) if isinstance(r, str) else r for r in reports]
         words = [[w for sentence in sents for w in sentence] for sents in split]
@@ -142,6 +172,7 @@ class TextEncoder(nn.Module):
     # --- features --------------------------------------------------------------------------
     def subword_features(self, tokens: TokenizedReports) -> torch.Tensor:
         """(B, T, H) sum or mean of the last ``text_last_layers`` hidden states."""
+        self.load_transformer()
         out = self.transformer(
             input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True
         )
@@ -185,6 +216,16 @@ class TextEncoder(nn.Module):
         """Tokenise and encode on the module's device."""
         device = self.projection.weight.device
         return self(self.tokenize(reports).to(device))
+
+
+def _hidden_size(folder: Path) -> int | None:
+    """The transformer width a Hugging Face folder's ``config.json`` names, without importing transformers."""
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    hidden = data.get("hidden_size") if isinstance(data, dict) else None
+    return hidden if isinstance(hidden, int) and hidden > 0 else None
 
 
 def _pool(hidden: torch.Tensor, index: torch.Tensor, groups: int, mean: bool) -> tuple[torch.Tensor, torch.Tensor]:

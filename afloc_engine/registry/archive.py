@@ -24,10 +24,10 @@ from typing import IO, Any
 
 from afloc_engine.errors import AFLocError, CheckpointError
 from afloc_engine.registry.download import CHUNK, check_free_space
-from afloc_engine.registry.manifest import CARD_FILE, CONFIG_FILE, MODEL_FILES, WEIGHTS_FILE
+from afloc_engine.registry.manifest import CARD_FILE, CONFIG_FILE, MODEL_FILES, PROMPT_TABLE_FILE, WEIGHTS_FILE
 
-MAX_FILE_BYTES = {CONFIG_FILE: 1 << 20, CARD_FILE: 1 << 20, WEIGHTS_FILE: 8 << 30}
-"""Largest accepted size of each file (1 MiB of JSON / Markdown, 8 GiB of weights)."""
+MAX_FILE_BYTES = {CONFIG_FILE: 1 << 20, CARD_FILE: 1 << 20, WEIGHTS_FILE: 8 << 30, PROMPT_TABLE_FILE: 64 << 20}
+"""Largest accepted size of each file (1 MiB of JSON / Markdown, 8 GiB of weights, 64 MiB of prompt table)."""
 SAFETENSORS_DTYPES = {
     "BOOL": 1,
     "U8": 1,

@@ -49,7 +49,9 @@ RECORD_FORMAT = "afloc-install"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "MODEL_CARD.md"
-MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)
+PROMPT_TABLE_FILE = "prompt_embeddings.safetensors"
+"""Optional: the preset prompts' embeddings (:mod:`afloc_engine.prompt_table`)."""
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, PROMPT_TABLE_FILE)
 """The only files a model folder (and a model archive) may hold."""
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA_PATTERN = re.compile(r"^[0-9a-f]{64}$")

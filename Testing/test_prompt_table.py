@@ -1,0 +1,182 @@
+"""The model's prompt table: preset prompts' embeddings beside the weights, so a cold
+``afloc localize --preset cxr`` neither imports transformers nor reads the text model (issue 13 item 6)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from afloc_engine.inference import load_model
+from afloc_engine.prompt_table import (
+    TABLE_FILE,
+    TABLE_FORMAT,
+    preset_table_prompts,
+    read_prompt_table,
+    text_model_identity,
+)
+from afloc_engine.registry import resolve_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def default_folder() -> Path:
+    folder, _ = resolve_model("default")
+    assert folder is not None
+    return folder
+
+
+@pytest.fixture()
+def folder_copy(tmp_path, default_folder) -> Path:
+    """A writable copy of the default model folder (weights, config, card, table)."""
+    dest = tmp_path / "model"
+    shutil.copytree(default_folder, dest)
+    return dest
+
+
+def _encoded(engine, prompts: list[str]) -> torch.Tensor:
+    """The prompts' report embeddings computed by the text model now (not from any cache)."""
+    with torch.inference_mode():
+        return engine.model.text_encoder.encode(prompts).report.float()
+
+
+def test_shipped_table_is_what_the_text_model_computes_for_every_preset_prompt(default_folder):
+    """The embedded default model's table covers every preset prompt and its negative, and each
+    embedding equals the text model's; a retrained model or a new preset without a new table fails here
+    (regenerate with ``afloc models prompt-table afloc_engine/weights/default``)."""
+    engine = load_model("default", device="cpu")
+    table = read_prompt_table(
+        default_folder, engine.info.sha256, text_model_identity(engine.config.text_model, engine.info)
+    )
+    prompts = preset_table_prompts()
+    assert set(prompts) <= set(table), sorted(set(prompts) - set(table))
+    stored = torch.stack([table[p] for p in prompts])
+    torch.testing.assert_close(stored, _encoded(engine, prompts), atol=1e-5, rtol=1e-4)
+
+
+def test_preset_run_reads_no_text_model_and_a_new_prompt_still_works(tmp_path, sample_dicom):
+    """In the console script's process a --preset cxr run imports neither transformers (MONAI's optional
+    BERT import included) nor reads the text model; a free prompt afterwards in the same process loads
+    them and gives its heatmap."""
+    code = f"""
+import json, sys
+from afloc_engine.cli import main
+rc = main(["localize", {str(sample_dicom)!r}, "--preset", "cxr", "--out", {str(tmp_path / "a")!r}], own_process=True)
+after_preset = "transformers" in sys.modules
+rc2 = main(["localize", {str(sample_dicom)!r}, "--prompt", "left basal opacity", "--out", {str(tmp_path / "b")!r}])
+print(json.dumps([rc, after_preset, rc2, "transformers" in sys.modules]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rc, after_preset, rc2, after_free = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (rc, after_preset, rc2, after_free) == (0, False, 0, True)
+    assert (tmp_path / "a" / sample_dicom.stem / "heatmap_pleural_effusion.nrrd").is_file()
+    assert (tmp_path / "b" / sample_dicom.stem / "heatmap_left_basal_opacity.nrrd").is_file()
+
+
+def test_table_gives_the_same_heatmaps_as_the_text_model(folder_copy, sample_dicom):
+    """Heatmaps and probabilities from the table equal those from encoding the prompts."""
+    from afloc_engine.prompts import preset_prompts
+
+    prompts = preset_prompts("cxr")[:4]
+    with_table = load_model(folder_copy, device="cpu")
+    (folder_copy / TABLE_FILE).unlink()
+    without = load_model(folder_copy, device="cpu")
+    a = with_table.localize(sample_dicom, prompts)
+    assert not with_table.model.text_encoder.loaded  # every prompt came from the table
+    b = without.localize(sample_dicom, prompts)
+    assert without.model.text_encoder.loaded
+    assert abs(a.probabilities - b.probabilities).max() < 1e-5
+    assert abs(a.heatmaps - b.heatmaps).max() < 1e-4
+    assert (a.masks == b.masks).mean() > 0.9999
+
+
+@pytest.mark.parametrize("change", ["model_sha256", "text_model", "format"])
+def test_a_table_of_another_model_or_text_model_is_ignored(folder_copy, change):
+    """A stale table (weights retrained, another text package version) costs time, never a wrong result."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = folder_copy / TABLE_FILE
+    with safe_open(str(path), framework="pt") as table:
+        meta, tensors = dict(table.metadata()), {"embeddings": table.get_tensor("embeddings")}
+    meta[change] = "something else"
+    save_file({"embeddings": tensors["embeddings"] + 1.0}, str(path), metadata=meta)
+    engine = load_model(folder_copy, device="cpu")
+    prompt = preset_table_prompts()[0]
+    torch.testing.assert_close(engine.embed_prompts([prompt])[0], _encoded(engine, [prompt])[0], atol=1e-5, rtol=1e-4)
+
+
+def test_an_unreadable_table_is_ignored(folder_copy):
+    (folder_copy / TABLE_FILE).write_bytes(b"\x00" * 64)
+    engine = load_model(folder_copy, device="cpu")
+    assert engine._prompt_cache == {}
+    assert engine.embed_prompts(["Findings suggesting edema"]).shape == (1, engine.config.embed_dim)
+
+
+def test_models_prompt_table_writes_presets_and_extra_prompts(folder_copy, capsys):
+    """``afloc models prompt-table FOLDER --prompt P`` stores P and "No P"-style negatives beside the presets;
+    a later load answers them without the text model."""
+    from afloc_engine.cli import main
+
+    (folder_copy / TABLE_FILE).unlink()
+    assert main(["models", "prompt-table", str(folder_copy), "--prompt", "Left basal\nopacity"]) == 0
+    assert "prompts)" in capsys.readouterr().out
+    assert (folder_copy / TABLE_FILE).stat().st_mode & 0o044 == (
+        folder_copy / "model.safetensors"
+    ).stat().st_mode & 0o044
+    engine = load_model(folder_copy, device="cpu")
+    for prompt in ["Left basal opacity", "No left basal opacity", *preset_table_prompts()]:
+        assert prompt in engine._prompt_cache, prompt
+    engine.embed_prompts(["Left basal opacity", "No left basal opacity"])
+    assert not engine.model.text_encoder.loaded
+    from safetensors import safe_open
+
+    with safe_open(str(folder_copy / TABLE_FILE), framework="pt") as table:
+        assert table.metadata()["format"] == TABLE_FORMAT
+
+
+def test_prompt_table_refuses_a_folder_without_weights(tmp_path):
+    """One line, exit 2, nothing written."""
+    done = subprocess.run(
+        [sys.executable, "-m", "afloc_engine", "models", "prompt-table", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and str(tmp_path) in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_packed_and_installed_model_keeps_its_table(folder_copy, tmp_path, monkeypatch):
+    """The table travels in a model archive (`afloc models pack` / `install`) and is used after install."""
+    from afloc_engine import registry
+
+    monkeypatch.setenv("AFLOC_HOME", str(tmp_path / "home"))
+    archive = tmp_path / "m.zip"
+    registry.pack(folder_copy, archive)
+    record = registry.install(str(archive), name="withtable")
+    assert TABLE_FILE in record["files"]
+    engine = load_model("withtable", device="cpu")
+    assert set(preset_table_prompts()) <= set(engine._prompt_cache)
+
+
+def test_lazy_text_encoder_loads_on_first_text_as_the_eager_one(default_folder):
+    from afloc_engine.checkpoint import load_model_folder
+
+    lazy, _ = load_model_folder(default_folder, lazy_text=True)
+    eager, _ = load_model_folder(default_folder)
+    assert not lazy.text_encoder.loaded and eager.text_encoder.loaded
+    prompts = ["Findings suggesting edema", "Small left pleural effusion. No pneumothorax."]
+    with torch.inference_mode():
+        got, want = lazy.text_encoder.encode(prompts), eager.text_encoder.encode(prompts)
+    assert lazy.text_encoder.loaded and not lazy.text_encoder.transformer.training  # the model's eval mode
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
