@@ -84,8 +84,17 @@ t = [time.perf_counter()]
 def lap():
     t.append(time.perf_counter())
     return round(t[-1] - t[-2], 3)
+import gc
+gc.set_threshold(10_000, 10, 10)  # as the console script
 import torch
 out = {"import_torch_s": lap()}
+try:  # as the console script: MONAI without its optional BERT
+    from afloc_engine.cli import import_monai_without_transformers
+except ImportError:  # an engine from before it
+    import monai
+else:
+    import_monai_without_transformers()
+out["import_monai_s"] = lap()
 import afloc_engine
 from afloc_engine.io import read_image
 from afloc_engine.outputs import write_results
