@@ -3,8 +3,9 @@
     python scripts/ship_model.py MODEL_DIR [--name default] [--description TEXT] [--card MODEL_CARD.md]
                                            [--smoothing-sigma S]
 
-Writes afloc_engine/weights/<name>/ (config.json + model.safetensors [+ MODEL_CARD.md]) and the
-manifest entry (sha256, size) that `load_model` checks at every load.
+Writes afloc_engine/weights/<name>/ (config.json + model.safetensors [+ MODEL_CARD.md] + the preset
+prompts' table prompt_embeddings.safetensors) and the manifest entry (sha256, size) that `load_model`
+checks at every load.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def main() -> int:
     parser.add_argument("--smoothing-sigma", type=float, default=None, help="heatmap smoothing (grid cells) to ship")
     args = parser.parse_args()
     from afloc_engine.checkpoint import read_config
+    from afloc_engine.inference import load_model
+    from afloc_engine.prompt_table import write_prompt_table
     from afloc_engine.registry import shipped_entry
     from afloc_engine.registry.manifest import MANIFEST, PACKAGE_WEIGHTS
 
@@ -49,6 +52,7 @@ def main() -> int:
     entry = shipped_entry(dest, name=args.name)
     manifest["models"] = [m for m in manifest["models"] if m["name"] != args.name] + [entry | {"trained": True}]
     MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_prompt_table(load_model(dest, device="cpu"), dest)
     print(json.dumps(entry, indent=2))
     shutil.rmtree(dest / "__pycache__", ignore_errors=True)
     return 0
