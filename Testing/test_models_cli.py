@@ -168,3 +168,10 @@ def test_an_untrained_test_model_warns_under_its_own_name(tiny_model, tmp_path):
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", category=UntrainedModelWarning)
         afloc_engine.load_model(folder, "cpu")  # silenced by its category alone
+
+
+def test_an_error_names_the_action_that_failed(home, tmp_path, capsys):
+    """'afloc models install: error: ...' (was 'afloc models: error: ...', which leaves the user guessing)."""
+    assert main(["models", "install", str(tmp_path / "missing.zip"), "--progress", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("afloc models install: error: ") and "missing.zip" in err and "\n" not in err

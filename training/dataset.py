@@ -10,14 +10,13 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from afloc_engine.models.text_encoder import TextEncoder, TokenizedReports
+from afloc_engine.models.text_encoder import TextEncoder, TokenizedReports, tokenize_reports
 from afloc_engine.text import augment_report, split_sentences
 from training.config import TrainAugmentConfig
 from training.store import Store
@@ -166,11 +165,12 @@ class Collate:
     """Stacks images and tokenises the (augmented) reports with the model's tokenizer (picklable)."""
 
     def __init__(self, text_encoder: TextEncoder) -> None:
-        self.tok = SimpleNamespace(tokenizer=text_encoder.tokenizer, config=text_encoder.config)
+        text_encoder.load_transformer()
+        self.tokenizer, self.config = text_encoder.tokenizer, text_encoder.config
 
     def tokenize(self, reports: list) -> TokenizedReports:
         """Reports (strings or sentences of words) -> TokenizedReports (CPU)."""
-        return TextEncoder.tokenize(self.tok, reports)  # the engine's tokenisation, not a copy
+        return tokenize_reports(self.tokenizer, self.config, reports)  # the engine's tokenisation, not a copy
 
     def __call__(self, samples: list[Sample]) -> Batch:
         return Batch(

@@ -175,7 +175,13 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except (AFLocError, OSError, MemoryError, RuntimeError, KeyboardInterrupt) as err:
-        return handle_error(err, args.command, getattr(args, "progress", None), args.verbose, args)
+        return handle_error(err, command_name(args), getattr(args, "progress", None), args.verbose, args)
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """The command as typed, sub-action included: 'localize', 'models install', 'train run'."""
+    action = getattr(args, "models_action", None) or getattr(args, "train_command", None)
+    return f"{args.command} {action}" if action else args.command
 
 
 STARTUP_GC_THRESHOLD = (10_000, 10, 10)

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from torch import nn
 from afloc_engine.config import AFLocConfig
 from afloc_engine.errors import CheckpointError
 from afloc_engine.text import split_sentences
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 
 def resolve_text_model(name_or_path: str) -> Path:
@@ -134,40 +137,16 @@ class TextEncoder(nn.Module):
         if not tokenizer.is_fast:
             raise CheckpointError("text model needs a fast tokenizer (tokenizer.json)", folder)
         projection = self._modules.get("projection")
-        if projection is not None:  # built lazily after the model moved: follow it
-            transformer = transformer.to(projection.weight.device)
+        if projection is not None:  # loaded lazily, after the model moved or changed mode: follow it
+            transformer = transformer.to(projection.weight.device).train(self.training)
         self.tokenizer = tokenizer
-        self.transformer = transformer.train(self.training)
+        self.transformer = transformer
 
     # --- tokenisation ----------------------------------------------------------------------
     def tokenize(self, reports: list[str] | list[list[list[str]]]) -> TokenizedReports:
-        """Tokenise reports (raw strings, or already split into sentences of words)."""
+        """Tokenise reports (raw strings, or already split into sentences of words); see :func:`tokenize_reports`."""
         self.load_transformer()
-        fold = getattr(self.config, "text_pooling", "engine") != "reference"  # the reference drops non-ASCII
-        split = [split_sentences(r, fold_accents=fold) if isinstance(r, str) else r for r in reports]
-        words = [[w for sentence in sents for w in sentence] for sents in split]
-        sentence_of_word = [[i for i, sentence in enumerate(sents) for _ in sentence] for sents in split]
-        enc = self.tokenizer(
-            words,
-            is_split_into_words=True,
-            truncation=True,
-            max_length=self.config.text_max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        batch, length = enc["input_ids"].shape
-        word_index = torch.full((batch, length), -1, dtype=torch.long)
-        sentence_index = torch.full((batch, length), -1, dtype=torch.long)
-        for b in range(batch):
-            ids = [-1 if w is None else w for w in enc.word_ids(b)]
-            word_index[b] = torch.tensor(ids, dtype=torch.long)
-            lookup = torch.tensor([*sentence_of_word[b], -1], dtype=torch.long)
-            sentence_index[b] = lookup[word_index[b]]  # -1 indexes the trailing -1
-        n_words = (word_index.max(dim=1).values + 1).clamp(min=0)
-        n_sentences = (sentence_index.max(dim=1).values + 1).clamp(min=0)
-        return TokenizedReports(
-            enc["input_ids"], enc["attention_mask"], word_index, sentence_index, n_words, n_sentences
-        )
+        return tokenize_reports(self.tokenizer, self.config, reports)
 
     # --- features --------------------------------------------------------------------------
     def subword_features(self, tokens: TokenizedReports) -> torch.Tensor:
@@ -216,6 +195,39 @@ class TextEncoder(nn.Module):
         """Tokenise and encode on the module's device."""
         device = self.projection.weight.device
         return self(self.tokenize(reports).to(device))
+
+
+def tokenize_reports(
+    tokenizer: PreTrainedTokenizerFast, config: AFLocConfig, reports: list[str] | list[list[list[str]]]
+) -> TokenizedReports:
+    """Tokenise B reports (raw strings, or already split into sentences of words) with a fast tokenizer.
+
+    Raw strings are split as :func:`afloc_engine.text.split_sentences` does (accents folded, except for
+    ``text_pooling: reference`` models); sequences are truncated at ``config.text_max_length`` tokens.
+    """
+    fold = getattr(config, "text_pooling", "engine") != "reference"  # the reference drops non-ASCII
+    split = [split_sentences(r, fold_accents=fold) if isinstance(r, str) else r for r in reports]
+    words = [[w for sentence in sents for w in sentence] for sents in split]
+    sentence_of_word = [[i for i, sentence in enumerate(sents) for _ in sentence] for sents in split]
+    enc = tokenizer(
+        words,
+        is_split_into_words=True,
+        truncation=True,
+        max_length=config.text_max_length,
+        padding=True,
+        return_tensors="pt",
+    )
+    batch, length = enc["input_ids"].shape
+    word_index = torch.full((batch, length), -1, dtype=torch.long)
+    sentence_index = torch.full((batch, length), -1, dtype=torch.long)
+    for b in range(batch):
+        ids = [-1 if w is None else w for w in enc.word_ids(b)]
+        word_index[b] = torch.tensor(ids, dtype=torch.long)
+        lookup = torch.tensor([*sentence_of_word[b], -1], dtype=torch.long)
+        sentence_index[b] = lookup[word_index[b]]  # -1 indexes the trailing -1
+    n_words = (word_index.max(dim=1).values + 1).clamp(min=0)
+    n_sentences = (sentence_index.max(dim=1).values + 1).clamp(min=0)
+    return TokenizedReports(enc["input_ids"], enc["attention_mask"], word_index, sentence_index, n_words, n_sentences)
 
 
 def _hidden_size(folder: Path) -> int | None:
