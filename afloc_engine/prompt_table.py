@@ -1,20 +1,21 @@
 """A model's prompt table: the report embeddings of the preset prompts, stored beside the weights.
 
 ``afloc localize --preset cxr`` needs one (D,) report embedding per prompt and per negative prompt.
-Computing them means importing transformers and reading the text transformer (about 1.5 s of a
-5 s cold run on 2 CPU cores); a table written once per model (``afloc models prompt-table FOLDER``)
-holds them, so a run whose prompts are all in it never loads the text model.
+Computing them means importing transformers and reading the text transformer (a cold run on 2 CPU
+cores: ``benchmarks/localize_cli.py``); a table written once per model (``afloc models prompt-table
+FOLDER``) holds them, so a run whose prompts are all in it never loads the text model.
 
 The file is ``prompt_embeddings.safetensors`` in the model folder: one float32 tensor
-``embeddings`` (P, D) and, as metadata, the P prompts (JSON), the SHA-256 of the
-``model.safetensors`` they were computed with and the text model they came from
-(:func:`text_model_identity`). A table whose model or text model differs from the loaded one is
-ignored (the prompts are then encoded as usual), so a stale table can cost time but never change
-a result.
+``embeddings`` (P, D) and, as metadata, the P prompts (JSON), the SHA-256 of the embeddings' bytes,
+the SHA-256 of the ``model.safetensors`` they were computed with and the text model they came from
+(:func:`text_model_identity`). A table that does not check out (another model or text model, edited
+numbers, not P finite float32 vectors of the model's D) is ignored with a warning and the prompts
+are encoded as usual: a bad table costs time, never a result.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -61,64 +62,101 @@ def text_model_identity(text_model: str, info: ModelInfo) -> str | None:
         return None
 
 
-def read_prompt_table(folder: str | Path, model_sha256: str, text_identity: str | None) -> dict[str, torch.Tensor]:
+def embeddings_sha256(embeddings: torch.Tensor) -> str:
+    """SHA-256 of a (P, D) tensor's float32 bytes (C order)."""
+    return hashlib.sha256(embeddings.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
+
+
+def read_prompt_table(
+    folder: str | Path, model_sha256: str, text_identity: str | None, embed_dim: int
+) -> dict[str, torch.Tensor]:
     """prompt -> (D,) float32 embedding from ``folder/prompt_embeddings.safetensors``.
 
-    Empty when the folder has no table, it cannot be read, or it was computed with another model
-    file or text model (logged at INFO with the reason).
+    Empty when the folder has no table or the model's text model cannot be named; empty with a
+    warning naming the file and the reason when the table does not check out (module docstring).
     """
     path = Path(folder) / TABLE_FILE
     if text_identity is None or not path.is_file():
         return {}
+    try:
+        prompts, embeddings = _checked_table(path, model_sha256, text_identity, embed_dim)
+    except ValueError as err:
+        log.warning("%s: %s; prompts are encoded instead (rewrite it: afloc models prompt-table)", path, err)
+        return {}
+    return dict(zip(prompts, embeddings))
+
+
+def _checked_table(path: Path, model_sha256: str, text_identity: str, embed_dim: int) -> tuple[list, torch.Tensor]:
+    """The table's prompts and (P, D) embeddings; ValueError saying what does not check out."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as table:
             meta = table.metadata() or {}
-            if meta.get("format") != TABLE_FORMAT:
-                raise ValueError(f"not an AFLoc prompt table (format {meta.get('format')!r})")
-            if meta.get("model_sha256") != model_sha256 or meta.get("text_model") != text_identity:
-                log.info("%s: computed with another model or text model; prompts are encoded instead", path)
-                return {}
-            prompts = json.loads(meta["prompts"])
-            embeddings = table.get_tensor("embeddings").float()
-    except (SafetensorError, OSError, ValueError, KeyError) as err:
-        log.info("%s: unreadable prompt table (%s); prompts are encoded instead", path, err)
-        return {}
-    if not isinstance(prompts, list) or embeddings.ndim != 2 or len(prompts) != embeddings.shape[0]:
-        log.info("%s: prompts and embeddings differ in number; prompts are encoded instead", path)
-        return {}
-    return dict(zip(prompts, embeddings))
+            embeddings = table.get_tensor("embeddings") if "embeddings" in table.keys() else None
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"unreadable prompt table ({err})") from None
+    if meta.get("format") != TABLE_FORMAT or embeddings is None:
+        raise ValueError("not an AFLoc prompt table")
+    if meta.get("model_sha256") != model_sha256 or meta.get("text_model") != text_identity:
+        raise ValueError("computed with another model or text model")
+    try:
+        prompts = json.loads(meta.get("prompts", ""))
+    except json.JSONDecodeError:
+        prompts = None
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("its prompts are not a JSON list of strings")
+    if embeddings.dtype != torch.float32 or tuple(embeddings.shape) != (len(prompts), embed_dim):
+        raise ValueError(f"its embeddings are not float32 ({len(prompts)}, {embed_dim})")
+    if meta.get("embeddings_sha256") != embeddings_sha256(embeddings):
+        raise ValueError("its embeddings were changed after it was written (SHA-256 differs)")
+    if not bool(torch.isfinite(embeddings).all()):
+        raise ValueError("its embeddings hold NaN or infinite values")
+    return prompts, embeddings
 
 
-def write_prompt_table(engine: AFLoc, folder: str | Path, prompts: list[str] | None = None) -> Path:
-    """Encode ``prompts`` (default :func:`preset_table_prompts`) with ``engine``'s text model and write
-    the table into the model folder ``folder`` atomically (temporary sibling, then rename).
+def write_prompt_table(engine: AFLoc, prompts: list[str] | None = None) -> tuple[Path, int]:
+    """Encode ``prompts`` (default :func:`preset_table_prompts`), plus the prompts of the folder's current
+    table, with ``engine``'s text model and write the table into the folder ``engine`` was loaded from,
+    atomically (temporary sibling, then rename).
 
-    Raises :class:`CheckpointError` when ``engine`` was not loaded from ``folder``'s weights or its text
-    model cannot be named (a text model folder). Returns the table's path.
+    Returns (the table's path, how many prompts it holds). Raises :class:`CheckpointError` when the
+    engine has no model folder or its text model cannot be named (a text model folder), OSError
+    naming the table when the folder cannot be written.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from afloc_engine.checkpoint import WEIGHTS_FILE, sha256_file
+    from afloc_engine.checkpoint import WEIGHTS_FILE
 
-    folder = Path(folder)
-    digest = sha256_file(folder / WEIGHTS_FILE) if (folder / WEIGHTS_FILE).is_file() else None
-    if digest is None or digest != engine.info.sha256:
-        raise CheckpointError("the loaded model is not this folder's model.safetensors", folder)
+    if engine.info.path is None or not (Path(engine.info.path) / WEIGHTS_FILE).is_file():
+        raise CheckpointError("the model has no folder to write a prompt table into", engine.model_id)
+    folder = Path(engine.info.path)
     identity = text_model_identity(engine.config.text_model, engine.info)
     if identity is None:
         raise CheckpointError("a prompt table needs the text model of an installed package or the checkpoint", folder)
-    prompts = list(dict.fromkeys(prompts or preset_table_prompts()))
+    kept = read_prompt_table(folder, engine.info.sha256, identity, engine.config.embed_dim)
+    prompts = list(dict.fromkeys([*(prompts or preset_table_prompts()), *kept]))
     with torch.inference_mode():
         embeddings = engine.model.text_encoder.encode(prompts).report.float().cpu().contiguous()
-    meta = {"format": TABLE_FORMAT, "model_sha256": digest, "text_model": identity, "prompts": json.dumps(prompts)}
+    meta = {
+        "format": TABLE_FORMAT,
+        "model_sha256": engine.info.sha256,
+        "text_model": identity,
+        "prompts": json.dumps(prompts),
+        "embeddings_sha256": embeddings_sha256(embeddings),
+    }
+    data = save({"embeddings": embeddings}, metadata=meta)
     path = folder / TABLE_FILE
     tmp = path.with_name(f".{TABLE_FILE}.{os.getpid()}.tmp")
     try:
-        save_file({"embeddings": embeddings}, str(tmp), metadata=meta)
-        shutil.copymode(folder / WEIGHTS_FILE, tmp)  # safetensors writes 0600; the table is as readable as the weights
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        shutil.copymode(folder / WEIGHTS_FILE, tmp)  # as readable as the weights
         os.replace(tmp, path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+    return path, len(prompts)

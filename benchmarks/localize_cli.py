@@ -3,7 +3,8 @@ radiograph RG1_UNCR.dcm (pydicom-data, 1841 x 1955), the 14 prompts of ``--prese
 
 Run by hand (the machine may be shared: each figure is the median of ``--runs`` runs)::
 
-    .venv/bin/python benchmarks/localize_cli.py [--runs 5] [--old-tree /tmp/old] [--json OUT.json]
+    .venv/bin/python benchmarks/localize_cli.py [--runs 5] [--old-tree /tmp/old] [--imports]
+        [--new-prompt "Small left pleural effusion"] [--json OUT.json]
 
 Measures per run the wall time of ``python -m afloc_engine localize RG1_UNCR.dcm --preset cxr``
 in a fresh process, the bytes it wrote and its peak memory; then, in this process, the largest
@@ -184,6 +185,12 @@ def main() -> int:
     parser.add_argument("--old-tree", type=Path, default=None, help="worktree of an earlier commit to time alike")
     parser.add_argument("--old-args", default="", help="extra arguments the old tree's localize needs")
     parser.add_argument("--imports", action="store_true", help="also profile the imports of one cold run")
+    parser.add_argument(
+        "--new-prompt",
+        default=None,
+        help="also time the current engine with this prompt added, one outside the model's prompt table "
+        "(its run loads the text model)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="output JSON (default benchmarks/results/...)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -193,6 +200,8 @@ def main() -> int:
     engines = {"current": (REPO, [])}
     if args.old_tree is not None:
         engines["old"] = (args.old_tree.resolve(), args.old_args.split())
+    if args.new_prompt:
+        engines["current_with_new_prompt"] = (REPO, ["--prompt", args.new_prompt])
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
     for i in range(args.runs):
         for name, (tree, extra) in engines.items():  # alternate, so both see the same load
@@ -211,6 +220,8 @@ def main() -> int:
         "machine": machine_info("cpu"),
         "current": {"commit": _commit(REPO), **summary(results["current"]), **recoverability(last, image)},
     }
+    if args.new_prompt:
+        report["current_with_new_prompt"] = {"prompt": args.new_prompt, **summary(results["current_with_new_prompt"])}
     if args.imports:
         report["current"]["import_profile"] = {"load_average_before": load_average(), **import_profile(REPO, image)}
         for name, (tree, _) in engines.items():

@@ -52,7 +52,7 @@ def main() -> int:
     entry = shipped_entry(dest, name=args.name)
     manifest["models"] = [m for m in manifest["models"] if m["name"] != args.name] + [entry | {"trained": True}]
     MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n")
-    write_prompt_table(load_model(dest, device="cpu"), dest)
+    write_prompt_table(load_model(dest, device="cpu"))
     print(json.dumps(entry, indent=2))
     shutil.rmtree(dest / "__pycache__", ignore_errors=True)
     return 0

@@ -23,7 +23,7 @@ from afloc_engine.errors import AFLocError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "localize": ("afloc_engine.cli.localize", "heatmaps, masks and probabilities for text prompts"),
     "info": ("afloc_engine.cli.info", "the model, its card, checksum and the device"),
-    "models": ("afloc_engine.cli.models", "list, install or remove models"),
+    "models": ("afloc_engine.cli.models", "list, install, remove or pack models; write their prompt tables"),
     "evaluate": ("afloc_engine.cli.evaluate", "localisation metrics on a dataset with masks or boxes"),
     "finetune": ("afloc_engine.cli.finetune", "few-shot fine-tuning on user masks -> an adapter"),
     "train": ("training.cli", "contrastive (re)training of an AFLoc model"),

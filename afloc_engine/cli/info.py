@@ -57,6 +57,11 @@ def describe(model_name: str, device: str) -> dict:
             f"{k}={getattr(c, k)}" for k in REFERENCE_INFERENCE if k not in ("inference_mode", "similarity")
         ),
         "threshold": c.threshold,
+        "prompt_table": (
+            f"{model.cached_prompts} prompts (the text model loads only for other prompts)"
+            if model.cached_prompts
+            else "none (the text model loads for every run)"
+        ),
         "device": str(model.device),
         "cuda_available": torch.cuda.is_available(),
         "torch": torch.__version__,

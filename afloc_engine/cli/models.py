@@ -35,11 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p_pack.add_argument("archive", metavar="ARCHIVE")
     p_table = actions.add_parser(
         "prompt-table",
-        help="store the preset prompts' embeddings in a model folder, so runs on presets skip the text model",
+        help="store the preset prompts' embeddings in a model folder, so runs on them skip the text model",
     )
-    p_table.add_argument("folder", metavar="FOLDER")
+    p_table.add_argument("folder", metavar="FOLDER", help="a model folder, or the name of a shipped or installed model")
     p_table.add_argument(
-        "--prompt", action="append", default=[], help="also store this prompt (repeatable; it is cleaned as usual)"
+        "--prompt",
+        action="append",
+        default=[],
+        help="also store this prompt and its negative (repeatable); prompts of the current table are kept",
     )
 
 
@@ -143,14 +146,15 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(args.models_action)  # pragma: no cover (argparse enforces the choices)
 
 
-def _prompt_table(folder: str, extra: list[str]) -> int:
-    """Write ``folder``'s prompt table: every preset prompt, its negative and the ``--prompt`` ones."""
+def _prompt_table(model: str, extra: list[str]) -> int:
+    """Write the prompt table of ``model`` (a folder or a model name): every preset prompt, its negative,
+    the ``--prompt`` ones and their negatives, and the prompts of its current table."""
     from afloc_engine.inference import load_model
     from afloc_engine.prompt_table import preset_table_prompts, write_prompt_table
     from afloc_engine.prompts import negative_prompt, validate_prompts
 
     added = validate_prompts(extra) if extra else []
     prompts = [*preset_table_prompts(), *added, *(negative_prompt(p) for p in added)]
-    path = write_prompt_table(load_model(folder, device="cpu"), folder, prompts)
-    print(f"wrote {path} ({len(dict.fromkeys(prompts))} prompts)")
+    path, count = write_prompt_table(load_model(model, device="cpu"), prompts)
+    print(f"wrote {path} ({count} prompts)")
     return 0

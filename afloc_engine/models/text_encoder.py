@@ -197,6 +197,17 @@ class TextEncoder(nn.Module):
         return self(self.tokenize(reports).to(device))
 
 
+def report_key(config: AFLocConfig, report: str) -> str:
+    """What a report's tokens, and so its embeddings, depend on: its words as :func:`tokenize_reports`
+    gives them to the tokenizer (lower case, accents folded, punctuation and line breaks gone).
+
+    >>> report_key(AFLocConfig(), "Findings suggesting  Edema.")
+    'findings suggesting edema'
+    """
+    fold = getattr(config, "text_pooling", "engine") != "reference"
+    return " ".join(w for sentence in split_sentences(report, fold_accents=fold) for w in sentence)
+
+
 def tokenize_reports(
     tokenizer: PreTrainedTokenizerFast, config: AFLocConfig, reports: list[str] | list[list[list[str]]]
 ) -> TokenizedReports:
