@@ -224,8 +224,11 @@ def main() -> int:
         report["current_with_new_prompt"] = {"prompt": args.new_prompt, **summary(results["current_with_new_prompt"])}
     if args.imports:
         report["current"]["import_profile"] = {"load_average_before": load_average(), **import_profile(REPO, image)}
-        for name, (tree, _) in engines.items():
-            report.setdefault(name, {})["phases"] = {"load_average_before": load_average(), **phases(tree, image)}
+        for name in ("current", "old")[: 1 + ("old" in engines)]:
+            report.setdefault(name, {})["phases"] = {
+                "load_average_before": load_average(),
+                **phases(engines[name][0], image),
+            }
     if "old" in results:
         report["old"] = {"commit": _commit(engines["old"][0]), **summary(results["old"]), **report.get("old", {})}
         # runs alternate, so run i of each engine saw about the same load: the median of the paired
