@@ -198,10 +198,11 @@ def import_monai_without_transformers() -> None:
     """Import MONAI while transformers is hidden, when neither is loaded yet (a process of our own only).
 
     MONAI's package import executes every sub-module, and ``monai.networks.nets.transchex`` imports
-    transformers' BERT through ``optional_import``: about 1.4 s of a cold ``afloc localize`` on 2 CPU
-    cores, for a network the engine never uses. With transformers hidden that optional import fails
-    and MONAI records it lazily (only ``Transchex`` would raise, on use); transformers itself imports
-    normally afterwards, when a prompt outside the model's prompt table needs the text model.
+    transformers' BERT through ``optional_import``, for a network the engine never uses (MONAI's import:
+    2.5 s with it, 1.2 s without, on 2 CPU cores: ``benchmarks/results/localize_cli-vm.json``). With
+    transformers hidden that optional import fails and MONAI records it lazily (only ``Transchex``
+    would raise, on use); transformers itself imports normally afterwards, when a prompt outside the
+    model's prompt table needs the text model.
     """
     if "monai" in sys.modules or "transformers" in sys.modules:
         return
