@@ -71,16 +71,35 @@ def test_finding_codes() -> None:
     assert (scheme, code, meaning) == ("99AFLOC", "ground-glass-opa", "ground glass opacity")
 
 
-def test_a_line_said_during_a_bar_is_not_glued_to_it(capsys) -> None:
-    """A fresh user saw 'localize:   0%|…|afloc localize: …': lines go above the bar, each on its own."""
-    import sys
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, as stderr is in an interactive shell."""
 
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_line_said_during_a_bar_is_not_glued_to_it() -> None:
+    """A fresh user saw 'localize:   0%|…|afloc localize: …': lines go above the bar, each on its own."""
     from afloc_engine.progress import Progress
 
-    with Progress(2, "bar", desc="localize", stream=sys.stderr) as progress:
+    stream = Terminal()
+    with Progress(2, "bar", desc="localize", stream=stream) as progress:
         progress.update(1)
         progress.say("afloc localize: one line")
         progress.update(1)
-    lines = capsys.readouterr().err.split("\n")
+    lines = stream.getvalue().split("\n")
     said = [line for line in lines if "one line" in line]
     assert len(said) == 1 and said[0].split("\r")[-1] == "afloc localize: one line"
+    assert "100%" in stream.getvalue()  # the bar was drawn
+
+
+def test_a_bar_on_a_log_file_writes_only_the_lines_said() -> None:
+    """stderr redirected to a file or a pipe: no redraw lines ('\\r localize: 50%|...'), only what was said."""
+    from afloc_engine.progress import Progress
+
+    stream = io.StringIO()
+    with Progress(2, "bar", desc="localize", stream=stream) as progress:
+        progress.update(1)
+        progress.say("afloc localize: one line")
+        progress.update(1)
+    assert stream.getvalue() == "afloc localize: one line\n"

@@ -380,6 +380,22 @@ def test_pack_then_install_round_trip(home, tmp_path, model_folder):
         registry.pack(model_folder, tmp_path / "release.rar")
 
 
+def test_packing_the_same_folder_twice_gives_the_same_archive(tmp_path, model_folder):
+    """The printed manifest entry (its SHA-256) can be checked by packing again; the archive is readable
+    by others as any new file is (mkstemp's 0600 before)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for suffix in (".zip", ".tar.gz"):
+        first = registry.pack(model_folder, tmp_path / "a" / f"release{suffix}")
+        time.sleep(1.1)  # zip time stamps have 2 s steps: cross at least one boundary often enough
+        os.utime(model_folder / "config.json")  # a newer time stamp, the same content
+        second = registry.pack(model_folder, tmp_path / "b" / f"release{suffix}")
+        assert first["sha256"] == second["sha256"], suffix
+        assert (tmp_path / "a" / f"release{suffix}").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_shipped_default_is_checked_at_load(tmp_path, monkeypatch, model_folder):
     """How the lead ships the default: a folder under weights/ and a manifest entry with its SHA-256."""
     import shutil

@@ -16,7 +16,10 @@ from afloc_engine import protocol
 
 
 class Progress:
-    """Reports steps of a job as a bar (``bar``), JSON lines (``json``) or not at all (``none``)."""
+    """Reports steps of a job as a bar (``bar``), JSON lines (``json``) or not at all (``none``).
+
+    The bar is drawn only on a terminal: on a pipe or a log file ``bar`` writes just the lines of :meth:`say`.
+    """
 
     def __init__(self, total: int, mode: str = "bar", desc: str = "", stream: TextIO | None = None) -> None:
         if mode not in ("bar", "json", "none"):
@@ -26,7 +29,7 @@ class Progress:
         self.step = 0
         self.start = time.monotonic()
         self._bar = None
-        if mode == "bar":
+        if mode == "bar" and _is_terminal(self.stream):  # a log file gets no redraw lines, only say()'s
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True)
@@ -60,10 +63,11 @@ class Progress:
 
     def say(self, line: str) -> None:
         """One line for people on stderr, above the bar (which is redrawn below it) rather than glued to it."""
+        target = sys.stderr if self.mode == "json" else self.stream  # JSON lines own stdout
         if self._bar is not None:
-            self._bar.write(line, file=sys.stderr)
+            self._bar.write(line, file=target)
         else:
-            print(line, file=sys.stderr)
+            print(line, file=target)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -74,6 +78,13 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def emit(event: str, stream: TextIO | None = None, **fields: Any) -> None:  # noqa: ANN401

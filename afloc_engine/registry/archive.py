@@ -9,6 +9,7 @@ and checked for consistency without loading any tensor. Nothing is executed or u
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import shutil
@@ -306,3 +307,28 @@ def validate_model_folder(folder: Path, source: str | Path) -> Any:  # noqa: ANN
     if info.text_weights == "checkpoint" and not any(k.startswith(TEXT_PREFIX) for k in header):
         raise CheckpointError(f'config says text_weights "checkpoint" but {WEIGHTS_FILE} holds none', source)
     return info
+
+
+# --- writing ---------------------------------------------------------------------------------------
+ARCHIVE_TIME = (1980, 1, 1, 0, 0, 0)
+"""Time stamp of every member of a written archive (the earliest a zip holds): bytes depend on content only."""
+
+
+def write_archive(path: Path, members: list[tuple[Path, str]], zip_format: bool) -> None:
+    """Write ``members`` (file, name in the archive) as a stored ``.zip`` or a ``.tar.gz`` whose bytes depend
+    only on the files' contents and names: fixed time stamps, mode 0644, no owner names."""
+    if zip_format:
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+            for source, name in members:
+                entry = zipfile.ZipInfo(name, date_time=ARCHIVE_TIME)
+                entry.external_attr = 0o100644 << 16
+                with source.open("rb") as src, zf.open(entry, "w", force_zip64=True) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        return
+    with path.open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            for source, name in members:
+                entry = tarfile.TarInfo(name)
+                entry.size, entry.mode, entry.mtime = source.stat().st_size, 0o644, 0
+                with source.open("rb") as src:
+                    tf.addfile(entry, src)

@@ -12,11 +12,9 @@ import errno
 import json
 import os
 import shutil
-import tarfile
 import tempfile
 import time
 import urllib.parse
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from afloc_engine.registry.archive import (
     extract_archive,
     name_from_archive,
     validate_model_folder,
+    write_archive,
 )
 from afloc_engine.registry.download import DOWNLOAD_TIMEOUT_S, download_file, is_url, sha256_file
 from afloc_engine.registry.manifest import (
@@ -210,9 +209,11 @@ def _remove(name: str) -> Path:
 def pack(folder: str | Path, archive: str | Path) -> dict[str, Any]:
     """Write a model folder as an installable archive (``.zip`` or ``.tar.gz`` by suffix), atomically.
 
-    Only ``config.json``, ``model.safetensors`` and ``MODEL_CARD.md`` go in, under one top folder
-    named after the archive. The folder is validated first. Returns a manifest entry for the
-    archive: ``name, version, url`` (to fill in), ``sha256, size, description``.
+    Only the model files (``config.json``, ``model.safetensors``, ``MODEL_CARD.md``,
+    ``prompt_embeddings.safetensors``) go in, under one top folder named after the archive; the same
+    folder always gives the same bytes (:func:`write_archive`), so the printed SHA-256 can be checked
+    by packing again. The folder is validated first. Returns a manifest entry for the archive:
+    ``name, version, url`` (to fill in), ``sha256, size, description``.
     """
     folder, archive = Path(folder), Path(archive)
     info = validate_model_folder(folder, folder)
@@ -226,14 +227,10 @@ def pack(folder: str | Path, archive: str | Path) -> dict[str, Any]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        if lower.endswith(".zip"):
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-                for f in files:
-                    zf.write(folder / f, f"{top}/{f}")
-        else:
-            with tarfile.open(tmp, "w:gz") as tf:
-                for f in files:
-                    tf.add(folder / f, f"{top}/{f}", recursive=False)
+        write_archive(tmp, [(folder / f, f"{top}/{f}") for f in files], zip_format=lower.endswith(".zip"))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # as any new file (mkstemp made it 0600)
         os.replace(tmp, archive)
     except BaseException:
         tmp.unlink(missing_ok=True)
