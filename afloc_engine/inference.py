@@ -21,6 +21,7 @@ from afloc_engine.heatmap import grid_to_image, similarity_maps
 from afloc_engine.io import ImageData, read_image
 from afloc_engine.models import AFLocModel
 from afloc_engine.models.text_encoder import report_key
+from afloc_engine.prompt_table import PromptTable
 from afloc_engine.prompts import negative_prompt, validate_prompts
 from afloc_engine.results import LocalizationResult, VolumeResult
 from afloc_engine.transforms import Letterbox, prepare_image, prepare_image_reference
@@ -82,6 +83,7 @@ class AFLoc:
             self.model.image_encoder.to(memory_format=torch.channels_last)
         self.info = info
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        self.prompt_table: PromptTable | None = None  # the model folder's, as read by load_model
 
     @property
     def config(self) -> AFLocConfig:
@@ -103,11 +105,6 @@ class AFLoc:
             for k, emb in zip(todo, feats.report.float().cpu()):
                 self._prompt_cache[k] = emb
         return torch.stack([self._prompt_cache[k] for k in keys]).to(self.device)
-
-    @property
-    def cached_prompts(self) -> int:
-        """How many prompt embeddings are cached (after :func:`load_model`: the model's prompt table)."""
-        return len(self._prompt_cache)
 
     def has_prompt_embedding(self, prompt: str) -> bool:
         """Whether ``prompt``'s embedding is cached (from the model's prompt table or an earlier run)."""
@@ -277,7 +274,9 @@ def load_model(name_or_path: str | Path = "default", device: str | torch.device 
         warnings.warn(untrained_warning(info.name, folder), UntrainedModelWarning, stacklevel=2)
     engine = AFLoc(model, info, device)
     identity = text_model_identity(model.config.text_model, info)
-    engine.add_prompt_embeddings(read_prompt_table(folder, info.sha256, identity, model.config.embed_dim))
+    engine.prompt_table = read_prompt_table(folder, info.sha256, identity, model.config.embed_dim)
+    if engine.prompt_table is not None:
+        engine.add_prompt_embeddings(engine.prompt_table.embeddings_by_prompt())
     return engine
 
 

@@ -58,9 +58,10 @@ def describe(model_name: str, device: str) -> dict:
         ),
         "threshold": c.threshold,
         "prompt_table": (
-            f"{model.cached_prompts} prompts (the text model loads only for other prompts)"
-            if model.cached_prompts
-            else "none (the text model loads for every run)"
+            "none (the text model loads for every run)"
+            if model.prompt_table is None
+            else model.prompt_table.describe()
+            + ("" if model.prompt_table.problem else " (the text model loads only for other prompts)")
         ),
         "device": str(model.device),
         "cuda_available": torch.cuda.is_available(),
