@@ -199,7 +199,7 @@ def import_monai_without_transformers() -> None:
 
     MONAI's package import executes every sub-module, and ``monai.networks.nets.transchex`` imports
     transformers' BERT through ``optional_import``, for a network the engine never uses (MONAI's import:
-    2.5 s with it, 1.2 s without, on 2 CPU cores: ``benchmarks/results/localize_cli-vm.json``). With
+    2.5 s with it, 1.3 s without, on 2 CPU cores: ``benchmarks/results/localize_cli-vm.json``). With
     transformers hidden that optional import fails and MONAI records it lazily (only ``Transchex``
     would raise, on use); transformers itself imports normally afterwards, when a prompt outside the
     model's prompt table needs the text model.
