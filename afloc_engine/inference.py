@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,10 +21,12 @@ from afloc_engine.heatmap import grid_to_image, similarity_maps
 from afloc_engine.io import ImageData, read_image
 from afloc_engine.models import AFLocModel
 from afloc_engine.models.text_encoder import report_key
-from afloc_engine.prompt_table import PromptTable
 from afloc_engine.prompts import negative_prompt, validate_prompts
 from afloc_engine.results import LocalizationResult, VolumeResult
 from afloc_engine.transforms import Letterbox, prepare_image, prepare_image_reference
+
+if TYPE_CHECKING:
+    from afloc_engine.prompt_table import PromptTable
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,15 @@ def as_image(image: ImageInput) -> ImageData:
 class AFLoc:
     """A loaded AFLoc model ready for prompt inference (the object :func:`load_model` returns)."""
 
-    def __init__(self, model: AFLocModel, info: ModelInfo, device: str | torch.device = "auto") -> None:
+    def __init__(
+        self,
+        model: AFLocModel,
+        info: ModelInfo,
+        device: str | torch.device = "auto",
+        prompt_table: PromptTable | None = None,
+    ) -> None:
+        """``prompt_table``: the model folder's (:func:`afloc_engine.prompt_table.read_prompt_table`); its
+        embeddings fill the prompt cache (none from a table that was ignored)."""
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self._channels_last = self.device.type == "cuda" and model.config.spatial_dims == 2
@@ -83,7 +93,9 @@ class AFLoc:
             self.model.image_encoder.to(memory_format=torch.channels_last)
         self.info = info
         self._prompt_cache: dict[str, torch.Tensor] = {}
-        self.prompt_table: PromptTable | None = None  # the model folder's, as read by load_model
+        self.prompt_table = prompt_table
+        if prompt_table is not None:
+            self.add_prompt_embeddings(prompt_table.embeddings_by_prompt())
 
     @property
     def config(self) -> AFLocConfig:
@@ -272,12 +284,8 @@ def load_model(name_or_path: str | Path = "default", device: str | torch.device 
         info.name = folder.name  # installed under its own --name: model_id (results, adapters) says that name
     if not info.trained:
         warnings.warn(untrained_warning(info.name, folder), UntrainedModelWarning, stacklevel=2)
-    engine = AFLoc(model, info, device)
     identity = text_model_identity(model.config.text_model, info)
-    engine.prompt_table = read_prompt_table(folder, info.sha256, identity, model.config.embed_dim)
-    if engine.prompt_table is not None:
-        engine.add_prompt_embeddings(engine.prompt_table.embeddings_by_prompt())
-    return engine
+    return AFLoc(model, info, device, read_prompt_table(folder, info.sha256, identity, model.config.embed_dim))
 
 
 def untrained_default(config: AFLocConfig | None = None, seed: int = 0) -> AFLocModel:

@@ -197,6 +197,12 @@ class TextEncoder(nn.Module):
         return self(self.tokenize(reports).to(device))
 
 
+def split_report(config: AFLocConfig, report: str) -> list[list[str]]:
+    """A raw report's sentences of words as the text model reads them: :func:`afloc_engine.text.split_sentences`
+    with accents folded, except for ``text_pooling: reference`` models (the reference drops non-ASCII)."""
+    return split_sentences(report, fold_accents=getattr(config, "text_pooling", "engine") != "reference")
+
+
 def report_key(config: AFLocConfig, report: str) -> str:
     """What a report's tokens, and so its embeddings, depend on: its words as :func:`tokenize_reports`
     gives them to the tokenizer (lower case, accents folded, punctuation and line breaks gone).
@@ -204,8 +210,7 @@ def report_key(config: AFLocConfig, report: str) -> str:
     >>> report_key(AFLocConfig(), "Findings suggesting  Edema.")
     'findings suggesting edema'
     """
-    fold = getattr(config, "text_pooling", "engine") != "reference"
-    return " ".join(w for sentence in split_sentences(report, fold_accents=fold) for w in sentence)
+    return " ".join(w for sentence in split_report(config, report) for w in sentence)
 
 
 def tokenize_reports(
@@ -213,11 +218,9 @@ def tokenize_reports(
 ) -> TokenizedReports:
     """Tokenise B reports (raw strings, or already split into sentences of words) with a fast tokenizer.
 
-    Raw strings are split as :func:`afloc_engine.text.split_sentences` does (accents folded, except for
-    ``text_pooling: reference`` models); sequences are truncated at ``config.text_max_length`` tokens.
+    Raw strings are split by :func:`split_report`; sequences are truncated at ``config.text_max_length`` tokens.
     """
-    fold = getattr(config, "text_pooling", "engine") != "reference"  # the reference drops non-ASCII
-    split = [split_sentences(r, fold_accents=fold) if isinstance(r, str) else r for r in reports]
+    split = [split_report(config, r) if isinstance(r, str) else r for r in reports]
     words = [[w for sentence in sents for w in sentence] for sents in split]
     sentence_of_word = [[i for i, sentence in enumerate(sents) for _ in sentence] for sents in split]
     enc = tokenizer(

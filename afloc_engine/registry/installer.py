@@ -223,14 +223,9 @@ def pack(folder: str | Path, archive: str | Path) -> dict[str, Any]:
     top = name_from_archive(archive.name) or "model"
     files = [f for f in MODEL_FILES if (folder / f).is_file()]
     archive.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{archive.name}.", suffix=".tmp", dir=archive.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = archive.with_name(f".{archive.name}.{os.getpid()}.tmp")  # opened as any new file: the umask's mode
     try:
         write_archive(tmp, [(folder / f, f"{top}/{f}") for f in files], zip_format=lower.endswith(".zip"))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # as any new file (mkstemp made it 0600)
         os.replace(tmp, archive)
     except BaseException:
         tmp.unlink(missing_ok=True)
